@@ -1,0 +1,117 @@
+"""Intrinsics: the engine's own rules, giving rules the store and process execution via Get.
+
+They are ordinary rules (so they are memoized per session and appear in the rule graph), whose
+bodies call the session's services: `await Get(Snapshot, PathGlobs([...]))`,
+`await Get(Digest, CreateDigest([...]))`, `await Get(ProcessResult, Process(...))`...
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .fs import (
+    AddPrefix,
+    CreateDigest,
+    Digest,
+    DigestContents,
+    DigestEntries,
+    DigestSubset,
+    MergeDigests,
+    PathGlobs,
+    RemovePrefix,
+    Snapshot,
+)
+from .process import FallibleProcessResult, Process, ProcessResult
+from .rules import Get, rule
+from .scheduler import current_node
+
+if TYPE_CHECKING:
+    from .services import Services
+
+
+def _services() -> Services:
+    services: Services = current_node().session.services
+    return services
+
+
+@rule
+async def snapshot_from_path_globs(globs: PathGlobs) -> Snapshot:
+    services = _services()
+    return await services.snapshot(globs)
+
+
+@rule
+async def digest_from_path_globs(globs: PathGlobs) -> Digest:
+    snapshot = await Get(Snapshot, PathGlobs, globs)
+    return snapshot.digest
+
+
+@rule
+async def snapshot_from_digest(digest: Digest) -> Snapshot:
+    return await _services().store.snapshot_of(digest)
+
+
+@rule
+async def create_digest(request: CreateDigest) -> Digest:
+    return await _services().store.create_digest(request)
+
+
+@rule
+async def merge_digests(request: MergeDigests) -> Digest:
+    return await _services().store.merge_digests(request)
+
+
+@rule
+async def add_prefix(request: AddPrefix) -> Digest:
+    return await _services().store.add_prefix(request)
+
+
+@rule
+async def remove_prefix(request: RemovePrefix) -> Digest:
+    return await _services().store.remove_prefix(request)
+
+
+@rule
+async def digest_subset(request: DigestSubset) -> Digest:
+    return await _services().store.digest_subset(request)
+
+
+@rule
+async def digest_contents(digest: Digest) -> DigestContents:
+    return await _services().store.contents(digest)
+
+
+@rule
+async def digest_entries(digest: Digest) -> DigestEntries:
+    return await _services().store.entries(digest)
+
+
+@rule
+async def run_fallible_process(process: Process) -> FallibleProcessResult:
+    return await _services().run_process(process)
+
+
+@rule
+async def run_process(process: Process) -> ProcessResult:
+    return await _services().run_process_checked(process)
+
+
+_RULES: tuple[Any, ...] = (
+    snapshot_from_path_globs,
+    digest_from_path_globs,
+    snapshot_from_digest,
+    create_digest,
+    merge_digests,
+    add_prefix,
+    remove_prefix,
+    digest_subset,
+    digest_contents,
+    digest_entries,
+    run_fallible_process,
+    run_process,
+)
+
+
+def rules() -> tuple[Any, ...]:
+    """The intrinsic rules every Engine includes (exempt from reachability warnings)."""
+    return _RULES
