@@ -3,6 +3,10 @@
 They are ordinary rules (so they are memoized per session and appear in the rule graph), whose
 bodies call the session's services: `await Get(Snapshot, PathGlobs([...]))`,
 `await Get(Digest, CreateDigest([...]))`, `await Get(ProcessResult, Process(...))`...
+
+There is deliberately no `PathGlobs -> Digest` intrinsic (use the Snapshot's `.digest`): with
+it, `Get(Snapshot, PathGlobs)` could be served both directly and through `Digest -> Snapshot`,
+which the rule graph rightly reports as ambiguous.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .fs import (
     Snapshot,
 )
 from .process import FallibleProcessResult, Process, ProcessResult
-from .rules import Get, rule
+from .rules import rule
 from .scheduler import current_node
 
 if TYPE_CHECKING:
@@ -38,12 +42,6 @@ def _services() -> Services:
 async def snapshot_from_path_globs(globs: PathGlobs) -> Snapshot:
     services = _services()
     return await services.snapshot(globs)
-
-
-@rule
-async def digest_from_path_globs(globs: PathGlobs) -> Digest:
-    snapshot = await Get(Snapshot, PathGlobs, globs)
-    return snapshot.digest
 
 
 @rule
@@ -98,7 +96,6 @@ async def run_process(process: Process) -> ProcessResult:
 
 _RULES: tuple[Any, ...] = (
     snapshot_from_path_globs,
-    digest_from_path_globs,
     snapshot_from_digest,
     create_digest,
     merge_digests,
