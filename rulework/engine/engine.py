@@ -15,7 +15,7 @@ import anyio.from_thread
 import trio
 
 from .graph import RuleGraph
-from .scheduler import CompiledGraph, Session, Subscriber, open_session
+from .scheduler import CompiledGraph, Session, Subscriber, open_session, unwrap_single
 from .services import Services, open_services
 
 _T = TypeVar("_T")
@@ -80,20 +80,27 @@ class Engine:
             default_environment: run Processes that name no environment here instead of the
                 config's `execution.default_environment`.
         """
-        async with open_services(
-            self.config,
-            root=self.root,
-            remote_cache=remote_cache,
-            default_environment=default_environment,
-        ) as services:
-            async with open_session(
-                self._compiled,
-                services=services,
-                timeout_seconds=timeout_seconds,
-                subscribers=subscribers,
-            ) as session:
-                services.attach(session)
-                yield session
+        try:
+            async with open_services(
+                self.config,
+                root=self.root,
+                remote_cache=remote_cache,
+                default_environment=default_environment,
+            ) as services:
+                async with open_session(
+                    self._compiled,
+                    services=services,
+                    timeout_seconds=timeout_seconds,
+                    subscribers=subscribers,
+                ) as session:
+                    services.attach(session)
+                    yield session
+        except BaseExceptionGroup as group:
+            # The services' nurseries wrap what the body raised; hand it back unwrapped.
+            error = unwrap_single(group)
+            if error is group:
+                raise
+            raise error from None
 
     def run(self, output_type: type[_T], *params: object, timeout_seconds: float | None = None) -> _T:
         """Compute `output_type` from `params` synchronously, in a fresh session.

@@ -11,6 +11,8 @@ which the rule graph rightly reports as ambiguous.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from .fs import (
@@ -42,6 +44,39 @@ def _services() -> Services:
 async def snapshot_from_path_globs(globs: PathGlobs) -> Snapshot:
     services = _services()
     return await services.snapshot(globs)
+
+
+def _may_match(glob: Sequence[str], path: Sequence[str]) -> bool:
+    """Could `glob` (components) match `path`, or something below `path` if it is a directory?"""
+    while True:
+        if not path:
+            return True  # `path` is a directory that may hold a match (or the match itself)
+        if not glob:
+            return False
+        head = glob[0]
+        if head == "**":
+            return _may_match(glob[1:], path) or _may_match(glob, path[1:])
+        if not fnmatchcase(path[0], head):
+            return False
+        glob, path = glob[1:], path[1:]
+
+
+def globs_may_match(values: tuple[Any, ...], changed: Sequence[str]) -> bool:
+    """Does a change to any of `changed` (relative paths) possibly affect these PathGlobs?
+
+    Conservative (exclusions are ignored): a false positive only costs re-snapshotting,
+    after which an unchanged Snapshot stops the invalidation (early cutoff).
+    """
+    (globs,) = values
+    includes = [g.split("/") for g in globs.globs if not g.startswith("!")]
+    for path in changed:
+        parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+        if any(_may_match(glob, parts) for glob in includes):
+            return True
+    return False
+
+
+snapshot_from_path_globs.__rulework_reads_paths__ = globs_may_match  # type: ignore[attr-defined]
 
 
 @rule

@@ -99,6 +99,8 @@ class Compiled:
     param_args: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
     gets: dict[Any, _GetEdge] = field(default_factory=dict)
     param_names: tuple[str, ...] = ()
+    # For nodes that read the workspace: `(key values, changed relative paths) -> bool`.
+    reads_paths: Callable[[tuple[Any, ...], Sequence[str]], bool] | None = None
 
 
 def _checkable(tp: Any) -> type | tuple[type, ...] | None:
@@ -129,6 +131,7 @@ class CompiledGraph:
             params=tuple(node.params),
             output_check=_checkable(rule.output_type),
             param_names=tuple(rule.parameter_names),
+            reads_paths=getattr(rule.func, "__rulework_reads_paths__", None),
         )
         # Register before compiling edges: recursive rules point back at themselves.
         self._by_node[node] = compiled
@@ -227,6 +230,8 @@ class SessionStatistics:
     nodes_completed: int
     nodes_failed: int
     nodes_cancelled: int
+    nodes_verified: int
+    nodes_rerun: int
     memo_hits: int
     shared_waits: int
     cache_hits: Mapping[str, int]
@@ -241,11 +246,13 @@ class _State(enum.IntEnum):
     PENDING = 0
     DONE = 1
     FAILED = 2
+    DIRTY = 3  # computed before, then invalidated: verify (or re-run) when next requested
 
 
 _PENDING: Final = _State.PENDING
 _DONE: Final = _State.DONE
 _FAILED: Final = _State.FAILED
+_DIRTY: Final = _State.DIRTY
 
 
 class _Waiter:
@@ -270,12 +277,19 @@ class Node:
       has been cancelled and it will never be handed to a new requester).
     - `waiting_on` is the list of nodes this node's task is currently parked on (for cycle
       detection), or None while it runs.
+    - `deps` lists the nodes its last run awaited (its inputs, for invalidation), in order.
+    - `changed_at <= verified_at`: the session revision at which its value last changed, and
+      the one at which it was last computed or verified; both -1 before its first run.
+    - A DIRTY node keeps its previous `value`/`error` (for early cutoff) and has no waiters.
     """
 
     __slots__ = (
+        "changed_at",
         "compiled",
+        "deps",
         "error",
         "key",
+        "must_rerun",
         "node_id",
         "parent",
         "scope",
@@ -283,6 +297,7 @@ class Node:
         "state",
         "value",
         "values",
+        "verified_at",
         "waiters",
         "waiting_on",
     )
@@ -308,6 +323,10 @@ class Node:
         self.waiters: list[_Waiter] | None = []
         self.scope: trio.CancelScope | None = trio.CancelScope()
         self.waiting_on: list[Node] | None = None
+        self.deps: list[Node] | None = None
+        self.changed_at = -1
+        self.verified_at = -1
+        self.must_rerun = False
 
     def describe(self) -> str:
         compiled = self.compiled
@@ -324,6 +343,11 @@ class Node:
         if result.__class__ is not Node:
             return result
         node: Node = result
+        deps = self.deps
+        if deps is None:
+            self.deps = [node]
+        else:
+            deps.append(node)
         state = node.state
         if state is _DONE:
             self.session._memo_hits += 1
@@ -443,9 +467,14 @@ class Session:
         self._completed = 0
         self._failed = 0
         self._cancelled = 0
+        self._verified = 0
+        self._rerun = 0
+        # Invariant: bumped by every invalidation; node revisions never exceed it.
+        self._revision = 0
         self._cache_hits: dict[str, int] = {}
         self._per_rule: dict[str, list[float]] = {}
         self._roots: dict[tuple[type, frozenset[type]], _Edge] = {}
+        self._last_roots: list[Node] = []
 
     # -- public API ------------------------------------------------------------------------
 
@@ -471,6 +500,7 @@ class Session:
                 results.append(key_values[0])
             else:
                 results.append(self._node_for(edge.target, key_values, None))
+        self._last_roots = [r for r in results if r.__class__ is Node]
         if self._deadline == math.inf:
             return await self._collect(None, results)
         with trio.fail_at(self._deadline):
@@ -485,12 +515,89 @@ class Session:
         """Count a value served from a cache layer ("local_cache", "remote_cache")."""
         self._cache_hits[source] = self._cache_hits.get(source, 0) + 1
 
+    def invalidate_paths(self, paths: Iterable[str]) -> int:
+        """Mark the nodes that read any of `paths` (relative to the engine root), and every
+        node that (transitively) used them, dirty; returns how many nodes were dirtied.
+
+        Dirty nodes are refreshed lazily when next requested, inputs first: a node re-runs
+        only if one of its inputs changed, and a re-run node whose value is unchanged does not
+        make its dependents re-run (early cutoff). Call it between requests (watch mode does).
+        """
+        changed = tuple(paths)
+        if not changed:
+            return 0
+        roots = [
+            node
+            for node in self._memo.values()
+            if node.compiled.reads_paths is not None
+            and node.state is not _PENDING
+            and node.compiled.reads_paths(node.values, changed)
+        ]
+        return self._invalidate(roots)
+
+    def invalidate_all(self) -> int:
+        """Mark every node that reads the workspace dirty (e.g. after many file events)."""
+        roots = [n for n in self._memo.values() if n.compiled.reads_paths is not None]
+        return self._invalidate(roots)
+
+    def collect_garbage(self) -> int:
+        """Forget memoized nodes that the last request's roots no longer use; returns how many.
+
+        Watch mode calls it after each run so memory stays bounded across many re-runs.
+        """
+        keep: set[int] = set()
+        stack = [n for n in self._last_roots]
+        while stack:
+            node = stack.pop()
+            if id(node) in keep:
+                continue
+            keep.add(id(node))
+            if node.deps:
+                stack.extend(node.deps)
+        doomed = [
+            key
+            for key, node in self._memo.items()
+            if id(node) not in keep and node.state is not _PENDING
+        ]
+        for key in doomed:
+            del self._memo[key]
+        return len(doomed)
+
+    def _invalidate(self, roots: list[Node]) -> int:
+        self._revision += 1
+        for root in roots:
+            root.must_rerun = True
+        dependents: dict[int, list[Node]] = {}
+        for node in self._memo.values():
+            for dep in node.deps or ():
+                dependents.setdefault(id(dep), []).append(node)
+        dirtied = 0
+        seen: set[int] = set()
+        stack = list(roots)
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.state is _PENDING:
+                # Running now with inputs that just changed: whoever waits gets this run's
+                # value, but the next request must start afresh.
+                if self._memo.get(node.key) is node:
+                    del self._memo[node.key]
+            elif node.state is not _DIRTY:
+                node.state = _DIRTY
+                dirtied += 1
+            stack.extend(dependents.get(id(node), ()))
+        return dirtied
+
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(
             nodes_started=self._started,
             nodes_completed=self._completed,
             nodes_failed=self._failed,
             nodes_cancelled=self._cancelled,
+            nodes_verified=self._verified,
+            nodes_rerun=self._rerun,
             memo_hits=self._memo_hits,
             shared_waits=self._shared_waits,
             cache_hits=dict(self._cache_hits),
@@ -521,6 +628,8 @@ class Session:
         key = (compiled, *key_values)
         node = self._memo.get(key)
         if node is not None:
+            if node.state is _DIRTY:
+                self._revive(node, parent)
             return node
         node_id = self._next_id
         self._next_id = node_id + 1
@@ -534,8 +643,15 @@ class Session:
         """Wait for the Nodes among `results` and return every value in order."""
         pending: list[Node] | None = None
         failed: list[Node] | None = None
+        deps: list[Node] | None = None
+        if requester is not None:
+            deps = requester.deps
+            if deps is None:
+                deps = requester.deps = []
         for item in results:
             if item.__class__ is Node:
+                if deps is not None:
+                    deps.append(item)
                 state = item.state
                 if state is _PENDING:
                     if pending is None:
@@ -657,9 +773,16 @@ class Session:
         if subscribers:
             self._emit(node, "start", started)
         outcome = "cancelled"
+        refreshing = node.verified_at >= 0
         try:
             with node.scope:  # type: ignore[union-attr]
                 try:
+                    if refreshing and await self._inputs_unchanged(node):
+                        outcome = "verified"
+                        self._verified += 1
+                        self._restore(node)
+                        return
+                    node.deps = None
                     param_args = compiled.param_args
                     if param_args is not None:
                         value = await compiled.func(*param_args(node.values))
@@ -678,9 +801,13 @@ class Session:
             if outcome == "cancelled":
                 self._cancelled += 1
                 self._abandon(node)
+            elif refreshing and outcome != "verified":
+                self._rerun += 1
             elapsed = _perf_counter() - started
             stats = self._per_rule.get(compiled.name)
-            if stats is None:
+            if outcome == "verified":
+                pass
+            elif stats is None:
                 self._per_rule[compiled.name] = [1, outcome == "failure", elapsed]
             else:
                 stats[0] += 1
@@ -699,6 +826,11 @@ class Session:
         return list(await self._collect(node, args))
 
     def _complete(self, node: Node, value: Any) -> None:
+        if node.changed_at < 0 or node.error is not None or not _same(node.value, value):
+            node.changed_at = self._revision
+        node.verified_at = self._revision
+        node.must_rerun = False
+        node.error = None
         node.value = value
         node.state = _DONE
         self._completed += 1
@@ -716,6 +848,9 @@ class Session:
     def _fail(self, node: Node, error: BaseException) -> None:
         if not hasattr(error, "__rulework_traced__"):
             _add_engine_traceback(node, error)
+        node.changed_at = node.verified_at = self._revision
+        node.must_rerun = False
+        node.value = None
         node.error = error
         node.state = _FAILED
         self._failed += 1
@@ -729,6 +864,54 @@ class Session:
                     waiter.woken = True
                     waiter.failed = node
                     _reschedule(waiter.task)
+
+    async def _inputs_unchanged(self, node: Node) -> bool:
+        """For a DIRTY node being refreshed: bring its recorded inputs up to date and tell
+        whether none of them changed since it was last computed (then it need not re-run)."""
+        if node.must_rerun:
+            return False
+        deps = node.deps
+        if not deps:
+            return True
+        for dep in deps:
+            if dep.state is _DIRTY:
+                self._revive(dep, node)
+        for dep in deps:
+            if dep.state is _PENDING:
+                try:
+                    await self._wait_for(node, [dep])
+                except Exception:  # a failing input counts as a change; the re-run will see it
+                    return False
+        verified_at = node.verified_at
+        return all(dep.changed_at <= verified_at and dep.state is not _PENDING for dep in deps)
+
+    def _restore(self, node: Node) -> None:
+        """A refreshed node whose inputs did not change: its previous outcome stands."""
+        error = node.error
+        if error is not None:
+            self._fail(node, error)
+            self._failed -= 1
+        else:
+            node.verified_at = self._revision
+            waiters = node.waiters
+            node.waiters = None
+            node.scope = None
+            node.parent = None
+            node.state = _DONE
+            if waiters:
+                for waiter in waiters:
+                    waiter.remaining -= 1
+                    if waiter.remaining == 0 and not waiter.woken:
+                        waiter.woken = True
+                        _reschedule(waiter.task)
+
+    def _revive(self, node: Node, parent: Node | None) -> None:
+        """Start refreshing a DIRTY node: it becomes PENDING and its task verifies or re-runs."""
+        node.state = _PENDING
+        node.waiters = []
+        node.scope = trio.CancelScope()
+        node.parent = parent
+        self._nursery.start_soon(self._run, node, name=node.compiled.name)
 
     def _abandon(self, node: Node) -> None:
         """The node's task was cancelled before it finished (orphaned, or session shutdown)."""
@@ -763,6 +946,16 @@ class Session:
         )
         for subscriber in tuple(self._subscribers):
             subscriber(unit)
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Early cutoff: is a recomputed value the same as the previous one?"""
+    if old is new:
+        return True
+    try:
+        return bool(old == new) and type(old) is type(new)
+    except Exception:  # a value whose __eq__ fails is treated as changed
+        return False
 
 
 def _raise_first(failed: list[Node]) -> typing.NoReturn:
@@ -812,15 +1005,27 @@ async def open_session(
 ) -> AsyncIterator[Session]:
     """Open a session over a compiled graph; node tasks still running at exit are cancelled."""
     deadline = math.inf if timeout_seconds is None else trio.current_time() + timeout_seconds
-    async with trio.open_nursery() as nursery:
-        session = Session(
-            graph, nursery, services=services, deadline=deadline, subscribers=subscribers
-        )
-        try:
-            yield session
-        finally:
-            # Nodes nobody waits for any more (their requesters were cancelled or failed).
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            session = Session(
+                graph, nursery, services=services, deadline=deadline, subscribers=subscribers
+            )
+            try:
+                yield session
+            finally:
+                # Nodes nobody waits for any more (their requesters were cancelled or failed).
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Node tasks never raise (their outcomes go to their waiters), so a group here holds
+        # what the body of `async with session` raised: give it back as it was raised.
+        raise unwrap_single(group) from None
+
+
+def unwrap_single(error: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, else `error`."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def current_node() -> Node:
