@@ -15,6 +15,7 @@ import anyio.from_thread
 import trio
 
 from .graph import RuleGraph
+from .persist import attach_persistence
 from .scheduler import CompiledGraph, Session, Subscriber, open_session, unwrap_single
 from .services import Services, open_services
 
@@ -60,6 +61,7 @@ class Engine:
             [*rules, *intrinsics.rules()], strict=strict, exempt=intrinsics.rules()
         )
         self._compiled = CompiledGraph(self.graph)
+        attach_persistence(self._compiled, self.graph, self.config)
 
     @asynccontextmanager
     async def session(

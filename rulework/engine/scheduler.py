@@ -99,6 +99,8 @@ class Compiled:
     param_args: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
     gets: dict[Any, _GetEdge] = field(default_factory=dict)
     param_names: tuple[str, ...] = ()
+    # For `@rule(persist=True)`: loads/saves the node's value in the caches (see persist.py).
+    persist: PersistHook | None = None
     # For nodes that read the workspace: `(key values, changed relative paths) -> bool`.
     reads_paths: Callable[[tuple[Any, ...], Sequence[str]], bool] | None = None
 
@@ -108,6 +110,18 @@ def _checkable(tp: Any) -> type | tuple[type, ...] | None:
     if isinstance(origin, type):
         return origin
     return None
+
+
+class PersistHook(typing.Protocol):
+    """How the scheduler reaches the caches for a `@rule(persist=True)` node."""
+
+    async def load(self, node: Node) -> tuple[Any, str] | None:
+        """The node's stored value and the cache layer that served it, or None on a miss."""
+        ...
+
+    async def save(self, node: Node, value: Any) -> None:
+        """Store a freshly computed value (errors are never persisted)."""
+        ...
 
 
 class CompiledGraph:
@@ -284,6 +298,7 @@ class Node:
     """
 
     __slots__ = (
+        "cache_source",
         "changed_at",
         "compiled",
         "deps",
@@ -327,6 +342,8 @@ class Node:
         self.changed_at = -1
         self.verified_at = -1
         self.must_rerun = False
+        # Set by intrinsics whose result came from a cache ("local_cache", "remote_cache").
+        self.cache_source: str | None = None
 
     def describe(self) -> str:
         compiled = self.compiled
@@ -773,6 +790,7 @@ class Session:
         if subscribers:
             self._emit(node, "start", started)
         outcome = "cancelled"
+        cache: str | None = None
         refreshing = node.verified_at >= 0
         try:
             with node.scope:  # type: ignore[union-attr]
@@ -783,14 +801,22 @@ class Session:
                         self._restore(node)
                         return
                     node.deps = None
-                    param_args = compiled.param_args
-                    if param_args is not None:
-                        value = await compiled.func(*param_args(node.values))
+                    persist = compiled.persist
+                    hit = None if persist is None else await persist.load(node)
+                    if hit is not None:
+                        value, cache = hit
+                        self.record_cache_hit(cache)  # type: ignore[arg-type]
                     else:
-                        value = await compiled.func(*await self._dependencies(node))
-                    check = compiled.output_check
-                    if check is not None and not isinstance(value, check):
-                        raise _wrong_output(compiled, value)
+                        param_args = compiled.param_args
+                        if param_args is not None:
+                            value = await compiled.func(*param_args(node.values))
+                        else:
+                            value = await compiled.func(*await self._dependencies(node))
+                        check = compiled.output_check
+                        if check is not None and not isinstance(value, check):
+                            raise _wrong_output(compiled, value)
+                        if persist is not None:
+                            await persist.save(node, value)
                 except Exception as exc:  # trio.Cancelled is a BaseException and passes through
                     outcome = "failure"
                     self._fail(node, exc)
@@ -814,7 +840,9 @@ class Session:
                 stats[1] += outcome == "failure"
                 stats[2] += elapsed
             if subscribers:
-                self._emit(node, "end", started + elapsed, outcome, elapsed)
+                self._emit(
+                    node, "end", started + elapsed, outcome, elapsed, cache or node.cache_source
+                )
 
     async def _dependencies(self, node: Node) -> list[Any]:
         values = node.values
@@ -932,6 +960,7 @@ class Session:
         timestamp: float,
         outcome: str | None = None,
         duration: float | None = None,
+        cache: str | None = None,
     ) -> None:
         parent = node.parent
         unit = Workunit(
@@ -943,6 +972,7 @@ class Session:
             timestamp=timestamp,
             outcome=outcome,
             duration_seconds=duration,
+            cache=cache,
         )
         for subscriber in tuple(self._subscribers):
             subscriber(unit)

@@ -16,6 +16,7 @@ from .errors import ConfigError
 from .fs import PathGlobs, Snapshot
 from .process import FallibleProcessResult, Process, ProcessResult, ProcessRunner
 from .registry import cache_backend_class, create_executors
+from .scheduler import current_node
 from .store import Store
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class Services:
     def _count(self, source: str) -> None:
         if source != "ran" and self.session is not None:
             self.session.record_cache_hit(source)
+            current_node().cache_source = source
 
 
 def create_cache_backend(name: str, config: Config) -> CacheBackend:
