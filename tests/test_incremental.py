@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 from rulework import (
     Digest,
@@ -160,3 +163,36 @@ async def test_garbage_collection_forgets_nodes_no_longer_used(tmp_path: Path) -
         runs.clear()
         await s.get(Report, Project(paths[:2]))
         assert runs == {}  # what the last roots use was kept
+
+
+async def test_watch_reruns_once_for_a_burst_of_changes(tmp_path: Path) -> None:
+    paths = make_tree(tmp_path, 100)
+    e = engine(tmp_path)
+    results: list[object] = []
+    got_result = trio.Event()
+
+    def on_result(result: object) -> None:
+        results.append(result)
+        got_result.set()
+
+    async with e.session() as s, trio.open_nursery() as nursery:
+        ready = trio.Event()
+        nursery.start_soon(
+            functools.partial(
+                s.watch, Report, Project(paths), on_result=on_result, debounce_ms=3000,
+                step_ms=300, ready=ready,
+            )
+        )
+        await ready.wait()
+        got_result = trio.Event()
+        runs.clear()
+        for p in paths:  # a burst of 100 events
+            (tmp_path / p).write_text("y\n" * 4)
+        with trio.fail_after(20):
+            await got_result.wait()
+        nursery.cancel_scope.cancel()
+    first, second = results
+    assert first.iteration == 0 and first.error is None  # type: ignore[attr-defined]
+    assert second.value == Report(even_files=100, total_lines=400)  # type: ignore[attr-defined]
+    assert len(second.changed) == 100  # type: ignore[attr-defined]
+    assert runs["report"] == 1

@@ -46,6 +46,9 @@ async def snapshot_from_path_globs(globs: PathGlobs) -> Snapshot:
     return await services.snapshot(globs)
 
 
+_MAGIC = frozenset("*?[")
+
+
 def _may_match(glob: Sequence[str], path: Sequence[str]) -> bool:
     """Could `glob` (components) match `path`, or something below `path` if it is a directory?"""
     while True:
@@ -56,7 +59,7 @@ def _may_match(glob: Sequence[str], path: Sequence[str]) -> bool:
         head = glob[0]
         if head == "**":
             return _may_match(glob[1:], path) or _may_match(glob, path[1:])
-        if not fnmatchcase(path[0], head):
+        if head != path[0] and (_MAGIC.isdisjoint(head) or not fnmatchcase(path[0], head)):
             return False
         glob, path = glob[1:], path[1:]
 

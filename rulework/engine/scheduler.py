@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from .rules import Get
+    from .watch import WatchResult
 
 _reschedule = trio.lowlevel.reschedule
 _current_task = trio.lowlevel.current_task
@@ -532,6 +533,30 @@ class Session:
         """Count a value served from a cache layer ("local_cache", "remote_cache")."""
         self._cache_hits[source] = self._cache_hits.get(source, 0) + 1
 
+    async def watch(
+        self,
+        output_type: type[Any],
+        *params: object,
+        on_result: Callable[[WatchResult], None],
+        debounce_ms: int = 1600,
+        step_ms: int = 50,
+        ready: trio.Event | None = None,
+    ) -> None:
+        """Compute `output_type` now and again after every batch of file changes under the
+        engine root, until cancelled; `on_result` receives each run's `WatchResult`."""
+        from .watch import watch
+
+        await watch(
+            self,
+            output_type,
+            params,
+            root=self.services.root,
+            on_result=on_result,
+            debounce_ms=debounce_ms,
+            step_ms=step_ms,
+            ready=ready,
+        )
+
     def invalidate_paths(self, paths: Iterable[str]) -> int:
         """Mark the nodes that read any of `paths` (relative to the engine root), and every
         node that (transitively) used them, dirty; returns how many nodes were dirtied.
@@ -584,18 +609,25 @@ class Session:
         self._revision += 1
         for root in roots:
             root.must_rerun = True
-        dependents: dict[int, list[Node]] = {}
+        # Reverse edges, built here rather than kept on the hot path of every Get.
+        dependents: dict[Node, list[Node]] = {}
         for node in self._memo.values():
-            for dep in node.deps or ():
-                dependents.setdefault(id(dep), []).append(node)
+            deps = node.deps
+            if deps:
+                for dep in deps:
+                    found = dependents.get(dep)
+                    if found is None:
+                        dependents[dep] = [node]
+                    else:
+                        found.append(node)
         dirtied = 0
-        seen: set[int] = set()
+        seen: set[Node] = set()
         stack = list(roots)
         while stack:
             node = stack.pop()
-            if id(node) in seen:
+            if node in seen:
                 continue
-            seen.add(id(node))
+            seen.add(node)
             if node.state is _PENDING:
                 # Running now with inputs that just changed: whoever waits gets this run's
                 # value, but the next request must start afresh.
@@ -604,7 +636,7 @@ class Session:
             elif node.state is not _DIRTY:
                 node.state = _DIRTY
                 dirtied += 1
-            stack.extend(dependents.get(id(node), ()))
+            stack.extend(dependents.get(node, ()))
         return dirtied
 
     def statistics(self) -> SessionStatistics:
