@@ -120,7 +120,12 @@ async def open_services(
             stack.push_async_callback(_close_shielded, remote)
             await _open_backend(remote)
         layer = await stack.enter_async_context(open_cache_layer(local, remote))
-        store = Store(layer.local_blobs)
+        stat_cache = None
+        if config.cache.local != "none":
+            # Lets a new process re-snapshot an unchanged workspace without rehashing it.
+            stat_cache = Path(config.cache.dir) / "stat-cache.json"
+        store = Store(layer.local_blobs, stat_cache_path=stat_cache)
+        stack.push_async_callback(_close_shielded, store)
         executors = create_executors(config.environments)
         runner = ProcessRunner(
             executors, environment, store, layer, salt=config.cache.salt
