@@ -9,6 +9,7 @@ Everything public is importable from this module; extension interfaces for backe
 in `rulework.abc`, test helpers in `rulework.testing`.
 """
 
+from .engine.cache import RemoteCacheWarning as RemoteCacheWarning
 from .engine.config import Config as Config
 from .engine.config import load_config as load_config
 from .engine.engine import AsyncioSession as AsyncioSession
@@ -64,6 +65,11 @@ from .engine.rules import rule as rule
 from .engine.rules import rule_helper as rule_helper
 from .engine.rules import union as union
 from .engine.scheduler import Session as Session
+from .engine.store import CorruptBlobWarning as CorruptBlobWarning
+from .engine.store import DigestConflictError as DigestConflictError
+from .engine.store import UnmatchedGlobsError as UnmatchedGlobsError
+from .engine.store import UnmatchedGlobsWarning as UnmatchedGlobsWarning
+from .engine.watch import WatchResult as WatchResult
 from .engine.scheduler import SessionStatistics as SessionStatistics
 from .engine.scheduler import Workunit as Workunit
 
@@ -77,9 +83,11 @@ __all__ = [
     "CacheError",
     "Config",
     "ConfigError",
+    "CorruptBlobWarning",
     "CreateDigest",
     "CycleError",
     "Digest",
+    "DigestConflictError",
     "DigestContents",
     "DigestEntries",
     "DigestSubset",
@@ -108,6 +116,7 @@ __all__ = [
     "ProcessSpecError",
     "ProcessTimeout",
     "QueryRule",
+    "RemoteCacheWarning",
     "RemovePrefix",
     "RuleDefinitionError",
     "RuleGraph",
@@ -120,6 +129,9 @@ __all__ = [
     "StoreError",
     "UnionMembership",
     "UnionRule",
+    "UnmatchedGlobsError",
+    "UnmatchedGlobsWarning",
+    "WatchResult",
     "Workunit",
     "collect_rules",
     "fingerprint",

@@ -134,11 +134,23 @@ class ProcessExecutor(Protocol):
     async def aclose(self) -> None: ...
 
 
+def __getattr__(name: str) -> Any:
+    # Building blocks for backends that keep blobs as files or in memory (loaded lazily so
+    # that importing the interfaces does not import the store).
+    if name in ("FileBlobStore", "MemoryBlobStore"):
+        from .engine import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'rulework.abc' has no attribute {name!r}")
+
+
 __all__ = [
     "BlobStore",
     "CacheBackend",
     "CacheStatistics",
     "ExecutedProcess",
+    "FileBlobStore",
+    "MemoryBlobStore",
     "ProcessExecutor",
 ]
 

@@ -16,6 +16,8 @@ PUBLIC = {
     "RuleGraph", "RuleGraphError", "RuleGraphWarning", "RuleworkError", "Session",
     "SessionStatistics", "Snapshot", "StoreError", "UnionMembership", "UnionRule", "Workunit",
     "collect_rules", "fingerprint", "load_config", "rule", "rule_helper", "union",
+    "RemoteCacheWarning", "CorruptBlobWarning", "DigestConflictError", "UnmatchedGlobsError",
+    "UnmatchedGlobsWarning", "WatchResult",
 }
 
 

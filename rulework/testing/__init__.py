@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backends.memory import MemoryCache as MemoryCache
+from ..backends.memory import MemoryCacheConfig as MemoryCacheConfig
 from ..engine.store import MemoryBlobStore, Store
 from ._mocks import UnmockedGetError as UnmockedGetError
 from ._mocks import arun_rule_with_mocks as arun_rule_with_mocks
@@ -34,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from ._cache_suite import CacheBackendSuite
 
         return CacheBackendSuite
+    if name == "CorruptHook":
+        from ._cache_suite import CorruptHook
+
+        return CorruptHook
     if name == "ProcessExecutorSuite":
         from ._executor_suite import ProcessExecutorSuite
 
@@ -43,7 +48,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CacheBackendSuite",
+    "CorruptHook",
     "MemoryCache",
+    "MemoryCacheConfig",
     "ProcessExecutorSuite",
     "ScriptedExecutor",
     "ScriptedExecutorConfig",
