@@ -65,13 +65,13 @@ from .engine.rules import rule as rule
 from .engine.rules import rule_helper as rule_helper
 from .engine.rules import union as union
 from .engine.scheduler import Session as Session
+from .engine.scheduler import SessionStatistics as SessionStatistics
+from .engine.scheduler import Workunit as Workunit
 from .engine.store import CorruptBlobWarning as CorruptBlobWarning
 from .engine.store import DigestConflictError as DigestConflictError
 from .engine.store import UnmatchedGlobsError as UnmatchedGlobsError
 from .engine.store import UnmatchedGlobsWarning as UnmatchedGlobsWarning
 from .engine.watch import WatchResult as WatchResult
-from .engine.scheduler import SessionStatistics as SessionStatistics
-from .engine.scheduler import Workunit as Workunit
 
 __version__ = "0.1.0"
 

@@ -20,7 +20,7 @@ from .engine.fs import Digest
 
 if TYPE_CHECKING:
     from .engine.process import FallibleProcessResult, Process
-    from .engine.store import Store
+    from .engine.store import FileBlobStore, MemoryBlobStore, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,4 +155,4 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - re-exported for annotations only
-    _ = (FallibleProcessResult,)
+    _ = (FallibleProcessResult, FileBlobStore, MemoryBlobStore)

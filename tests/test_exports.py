@@ -5,19 +5,69 @@ from __future__ import annotations
 import rulework
 
 PUBLIC = {
-    "EMPTY_DIGEST", "AddPrefix", "AsyncioSession", "CacheBackendError", "CacheError", "Config",
-    "ConfigError", "CreateDigest", "CycleError", "Digest", "DigestContents", "DigestEntries",
-    "DigestSubset", "Directory", "Engine", "ExecutorError", "FallibleProcessResult",
-    "FileContent", "FileEntry", "FingerprintError", "FrozenDict", "Get",
-    "GlobExpansionConjunction", "GlobMatchErrorBehavior", "InvalidPathError", "MergeDigests",
-    "MissingDigestError", "MultiGet", "NoSuchQueryError", "PathGlobs", "Process",
-    "ProcessCacheScope", "ProcessExecutionFailure", "ProcessResult", "ProcessResultMetadata",
-    "ProcessSpecError", "ProcessTimeout", "QueryRule", "RemovePrefix", "RuleDefinitionError",
-    "RuleGraph", "RuleGraphError", "RuleGraphWarning", "RuleworkError", "Session",
-    "SessionStatistics", "Snapshot", "StoreError", "UnionMembership", "UnionRule", "Workunit",
-    "collect_rules", "fingerprint", "load_config", "rule", "rule_helper", "union",
-    "RemoteCacheWarning", "CorruptBlobWarning", "DigestConflictError", "UnmatchedGlobsError",
-    "UnmatchedGlobsWarning", "WatchResult",
+    "EMPTY_DIGEST",
+    "AddPrefix",
+    "AsyncioSession",
+    "CacheBackendError",
+    "CacheError",
+    "Config",
+    "ConfigError",
+    "CreateDigest",
+    "CycleError",
+    "Digest",
+    "DigestContents",
+    "DigestEntries",
+    "DigestSubset",
+    "Directory",
+    "Engine",
+    "ExecutorError",
+    "FallibleProcessResult",
+    "FileContent",
+    "FileEntry",
+    "FingerprintError",
+    "FrozenDict",
+    "Get",
+    "GlobExpansionConjunction",
+    "GlobMatchErrorBehavior",
+    "InvalidPathError",
+    "MergeDigests",
+    "MissingDigestError",
+    "MultiGet",
+    "NoSuchQueryError",
+    "PathGlobs",
+    "Process",
+    "ProcessCacheScope",
+    "ProcessExecutionFailure",
+    "ProcessResult",
+    "ProcessResultMetadata",
+    "ProcessSpecError",
+    "ProcessTimeout",
+    "QueryRule",
+    "RemovePrefix",
+    "RuleDefinitionError",
+    "RuleGraph",
+    "RuleGraphError",
+    "RuleGraphWarning",
+    "RuleworkError",
+    "Session",
+    "SessionStatistics",
+    "Snapshot",
+    "StoreError",
+    "UnionMembership",
+    "UnionRule",
+    "Workunit",
+    "collect_rules",
+    "fingerprint",
+    "load_config",
+    "rule",
+    "rule_helper",
+    "union",
+    "RemoteCacheWarning",
+    "CorruptBlobWarning",
+    "DigestConflictError",
+    "UnmatchedGlobsError",
+    "UnmatchedGlobsWarning",
+    "WatchResult",
 }
 
 
@@ -36,5 +86,9 @@ def test_every_public_name_is_importable_and_documented() -> None:
 def test_errors_share_one_hierarchy() -> None:
     for name in rulework.__all__:
         value = getattr(rulework, name)
-        if isinstance(value, type) and issubclass(value, Exception) and not issubclass(value, Warning):
+        if (
+            isinstance(value, type)
+            and issubclass(value, Exception)
+            and not issubclass(value, Warning)
+        ):
             assert issubclass(value, rulework.RuleworkError), name

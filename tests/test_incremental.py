@@ -179,8 +179,13 @@ async def test_watch_reruns_once_for_a_burst_of_changes(tmp_path: Path) -> None:
         ready = trio.Event()
         nursery.start_soon(
             functools.partial(
-                s.watch, Report, Project(paths), on_result=on_result, debounce_ms=3000,
-                step_ms=300, ready=ready,
+                s.watch,
+                Report,
+                Project(paths),
+                on_result=on_result,
+                debounce_ms=3000,
+                step_ms=300,
+                ready=ready,
             )
         )
         await ready.wait()

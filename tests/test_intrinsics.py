@@ -191,7 +191,7 @@ class Ran:
 async def where(_: Where) -> Ran:
     result = await Get(
         ProcessResult,
-        Process(argv=("/bin/sh", "-c", "printf %s \"$MARKER\""), description="where am I"),
+        Process(argv=("/bin/sh", "-c", 'printf %s "$MARKER"'), description="where am I"),
     )
     return Ran(result.metadata.environment, result.stdout.decode())
 

@@ -17,7 +17,7 @@ import trio
 from .graph import RuleGraph
 from .persist import attach_persistence
 from .scheduler import CompiledGraph, Session, Subscriber, open_session, unwrap_single
-from .services import Services, open_services
+from .services import open_services
 
 _T = TypeVar("_T")
 
@@ -83,20 +83,22 @@ class Engine:
                 config's `execution.default_environment`.
         """
         try:
-            async with open_services(
-                self.config,
-                root=self.root,
-                remote_cache=remote_cache,
-                default_environment=default_environment,
-            ) as services:
-                async with open_session(
+            async with (
+                open_services(
+                    self.config,
+                    root=self.root,
+                    remote_cache=remote_cache,
+                    default_environment=default_environment,
+                ) as services,
+                open_session(
                     self._compiled,
                     services=services,
                     timeout_seconds=timeout_seconds,
                     subscribers=subscribers,
-                ) as session:
-                    services.attach(session)
-                    yield session
+                ) as session,
+            ):
+                services.attach(session)
+                yield session
         except BaseExceptionGroup as group:
             # The services' nurseries wrap what the body raised; hand it back unwrapped.
             error = unwrap_single(group)
@@ -104,7 +106,9 @@ class Engine:
                 raise
             raise error from None
 
-    def run(self, output_type: type[_T], *params: object, timeout_seconds: float | None = None) -> _T:
+    def run(
+        self, output_type: type[_T], *params: object, timeout_seconds: float | None = None
+    ) -> _T:
         """Compute `output_type` from `params` synchronously, in a fresh session.
 
         Works from plain sync code (starts trio) and from a thread already running an asyncio

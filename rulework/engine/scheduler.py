@@ -14,6 +14,7 @@ dropped, so a later request starts it afresh.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import operator
@@ -673,7 +674,9 @@ class Session:
             self._roots[cache_key] = edge
         return edge
 
-    def _node_for(self, compiled: Compiled, key_values: tuple[Any, ...], parent: Node | None) -> Node:
+    def _node_for(
+        self, compiled: Compiled, key_values: tuple[Any, ...], parent: Node | None
+    ) -> Node:
         key = (compiled, *key_values)
         node = self._memo.get(key)
         if node is not None:
@@ -882,7 +885,9 @@ class Session:
         for edge in node.compiled.deps:
             key_values = edge.key_of(values)
             target = edge.target
-            args.append(key_values[0] if target is None else self._node_for(target, key_values, node))
+            args.append(
+                key_values[0] if target is None else self._node_for(target, key_values, node)
+            )
         return list(await self._collect(node, args))
 
     def _complete(self, node: Node, value: Any) -> None:
@@ -1050,10 +1055,8 @@ def _add_engine_traceback(node: Node, error: BaseException) -> None:
     chain.reverse()
     lines = ["Engine traceback (outermost rule first):"]
     lines.extend(f"  in {desc}" for desc in chain)
-    try:
+    with contextlib.suppress(AttributeError):  # exceptions with __slots__ cannot be marked
         error.__rulework_traced__ = True  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - exceptions with __slots__
-        pass
     error.add_note("\n".join(lines))
 
 

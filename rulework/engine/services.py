@@ -127,9 +127,7 @@ async def open_services(
         store = Store(layer.local_blobs, stat_cache_path=stat_cache)
         stack.push_async_callback(_close_shielded, store)
         executors = create_executors(config.environments)
-        runner = ProcessRunner(
-            executors, environment, store, layer, salt=config.cache.salt
-        )
+        runner = ProcessRunner(executors, environment, store, layer, salt=config.cache.salt)
         stack.push_async_callback(_close_shielded, runner)
         yield Services(config, root, store, layer, runner)
 

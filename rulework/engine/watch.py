@@ -83,9 +83,7 @@ async def watch(
         seconds = time.perf_counter() - started
         collected = session.collect_garbage()
         reran = session.statistics().nodes_rerun - before
-        on_result(
-            WatchResult(iteration, value, error, changed, dirtied, reran, collected, seconds)
-        )
+        on_result(WatchResult(iteration, value, error, changed, dirtied, reran, collected, seconds))
         iteration += 1
 
     await run((), 0)
