@@ -63,7 +63,7 @@ def _getter(positions: Sequence[int]) -> Callable[[tuple[Any, ...]], tuple[Any, 
     if len(positions) == 1:
         (only,) = positions
         return lambda values: (values[only],)
-    return operator.itemgetter(*positions)  # type: ignore[return-value]
+    return operator.itemgetter(*positions)
 
 
 @dataclass(slots=True, eq=False)
@@ -393,12 +393,13 @@ class Node:
         inputs = get.inputs
         if get_edge.union_members is not None:
             value = inputs[0]
-            edge = get_edge.union_members.get(type(value))
-            if edge is None:
+            member_edge = get_edge.union_members.get(type(value))
+            if member_edge is None:
                 raise self._not_a_member(get, get_edge)
+            edge: _Edge = member_edge
             available = (*self.values, value)
         else:
-            edge = get_edge.edge  # type: ignore[assignment]
+            edge = get_edge.edge  # type: ignore[assignment]  # set for every non-union Get
             if len(inputs) == 1:
                 available = (*self.values, inputs[0])
             else:
@@ -727,7 +728,7 @@ class Session:
                 if item.state is _DONE:
                     out.append(item.value)
                 else:
-                    raise item.error
+                    raise item.error  # type: ignore[misc]  # a FAILED node has its error
             else:
                 out.append(item)
         return tuple(out)
@@ -840,7 +841,7 @@ class Session:
                     hit = None if persist is None else await persist.load(node)
                     if hit is not None:
                         value, cache = hit
-                        self.record_cache_hit(cache)  # type: ignore[arg-type]
+                        self.record_cache_hit(cache)
                     else:
                         param_args = compiled.param_args
                         if param_args is not None:
