@@ -289,7 +289,7 @@ class Node:
 
     Invariants:
     - `state is PENDING` iff `waiters is not None`; done/failed nodes keep no waiters, no scope.
-    - A PENDING node is in `session._memo` under `key` unless it was orphaned (then its scope
+    - A PENDING node is in `session._memo[compiled]` under `values` unless it was orphaned (then its scope
       has been cancelled and it will never be handed to a new requester).
     - `waiting_on` is the list of nodes this node's task is currently parked on (for cycle
       detection), or None while it runs.
@@ -305,7 +305,6 @@ class Node:
         "compiled",
         "deps",
         "error",
-        "key",
         "must_rerun",
         "node_id",
         "parent",
@@ -324,14 +323,12 @@ class Node:
         session: Session,
         compiled: Compiled,
         values: tuple[Any, ...],
-        key: tuple[Any, ...],
         parent: Node | None,
         node_id: int,
     ) -> None:
         self.session = session
         self.compiled = compiled
         self.values = values
-        self.key = key
         self.parent = parent
         self.node_id = node_id
         self.state: _State = _PENDING
@@ -478,7 +475,9 @@ class Session:
         # Invariant: every value is a Node whose `key` is its dict key; PENDING nodes here have a
         # running (or about to run) task in `_nursery` and at least one waiter, or were just
         # created by a requester that is about to wait for them.
-        self._memo: dict[tuple[Any, ...], Node] = {}
+        # Per compiled rule node, its nodes by the values of the params it consumes (one dict
+        # level per rule node saves building a key tuple per request).
+        self._memo: dict[Compiled, dict[tuple[Any, ...], Node]] = {}
         self._subscribers: list[Subscriber] = list(subscribers)
         self._next_id = 0
         self._memo_hits = 0
@@ -572,7 +571,7 @@ class Session:
             return 0
         roots = [
             node
-            for node in self._memo.values()
+            for node in self._all_nodes()
             if node.compiled.reads_paths is not None
             and node.state is not _PENDING
             and node.compiled.reads_paths(node.values, changed)
@@ -581,7 +580,7 @@ class Session:
 
     def invalidate_all(self) -> int:
         """Mark every node that reads the workspace dirty (e.g. after many file events)."""
-        roots = [n for n in self._memo.values() if n.compiled.reads_paths is not None]
+        roots = [n for n in self._all_nodes() if n.compiled.reads_paths is not None]
         return self._invalidate(roots)
 
     def collect_garbage(self) -> int:
@@ -599,13 +598,20 @@ class Session:
             if node.deps:
                 stack.extend(node.deps)
         doomed = [
-            key
-            for key, node in self._memo.items()
-            if id(node) not in keep and node.state is not _PENDING
+            node for node in self._all_nodes() if id(node) not in keep and node.state is not _PENDING
         ]
-        for key in doomed:
-            del self._memo[key]
+        for node in doomed:
+            self._forget(node)
         return len(doomed)
+
+    def _all_nodes(self) -> list[Node]:
+        return [node for table in self._memo.values() for node in table.values()]
+
+    def _forget(self, node: Node) -> None:
+        """Drop `node` from the memo table (if it is still the one there)."""
+        table = self._memo.get(node.compiled)
+        if table is not None and table.get(node.values) is node:
+            del table[node.values]
 
     def _invalidate(self, roots: list[Node]) -> int:
         self._revision += 1
@@ -613,7 +619,7 @@ class Session:
             root.must_rerun = True
         # Reverse edges, built here rather than kept on the hot path of every Get.
         dependents: dict[Node, list[Node]] = {}
-        for node in self._memo.values():
+        for node in self._all_nodes():
             deps = node.deps
             if deps:
                 for dep in deps:
@@ -633,8 +639,7 @@ class Session:
             if node.state is _PENDING:
                 # Running now with inputs that just changed: whoever waits gets this run's
                 # value, but the next request must start afresh.
-                if self._memo.get(node.key) is node:
-                    del self._memo[node.key]
+                self._forget(node)
             elif node.state is not _DIRTY:
                 node.state = _DIRTY
                 dirtied += 1
@@ -678,16 +683,18 @@ class Session:
     def _node_for(
         self, compiled: Compiled, key_values: tuple[Any, ...], parent: Node | None
     ) -> Node:
-        key = (compiled, *key_values)
-        node = self._memo.get(key)
+        table = self._memo.get(compiled)
+        if table is None:
+            table = self._memo[compiled] = {}
+        node = table.get(key_values)
         if node is not None:
             if node.state is _DIRTY:
                 self._revive(node, parent)
             return node
         node_id = self._next_id
         self._next_id = node_id + 1
-        node = Node(self, compiled, key_values, key, parent, node_id)
-        self._memo[key] = node
+        node = Node(self, compiled, key_values, parent, node_id)
+        table[key_values] = node
         self._started += 1
         self._nursery.start_soon(self._run, node, name=compiled.name)
         return node
@@ -782,8 +789,7 @@ class Session:
 
     def _orphan(self, node: Node) -> None:
         """Cancel a pending node nobody waits for and forget it, so a new request restarts it."""
-        if self._memo.get(node.key) is node:
-            del self._memo[node.key]
+        self._forget(node)
         scope = node.scope
         if scope is not None:
             scope.cancel()
@@ -981,8 +987,7 @@ class Session:
 
     def _abandon(self, node: Node) -> None:
         """The node's task was cancelled before it finished (orphaned, or session shutdown)."""
-        if self._memo.get(node.key) is node:
-            del self._memo[node.key]
+        self._forget(node)
         node.scope = None
         if node.waiters:
             # Only at session shutdown: anyone still parked on this node must not sleep forever.
