@@ -498,3 +498,17 @@ async def test_workunits_are_delivered_to_subscribers_with_parents() -> None:
     leaves = [ev for ev in starts if ev.name.endswith(".leaf")]  # type: ignore[attr-defined]
     assert {ev.parent_id for ev in leaves} == {root.node_id}  # type: ignore[attr-defined]
     assert all(ev.outcome == "success" and ev.duration_seconds >= 0 for ev in ends)  # type: ignore[attr-defined]
+
+
+async def test_sessions_relax_the_gc_threshold_and_restore_it() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    e = engine(leaf, QueryRule(Out, (N,)))
+    async with e.session() as s1:
+        assert gc.get_threshold()[0] >= 20_000
+        async with e.session() as s2:  # nested sessions share the relaxed setting
+            assert await s2.get(Out, N(1)) == Out(10)
+        assert gc.get_threshold()[0] >= 20_000
+        assert await s1.get(Out, N(2)) == Out(20)
+    assert gc.get_threshold() == before

