@@ -37,9 +37,9 @@ _WHAT = {EXECUTORS_GROUP: "executor", CACHE_BACKENDS_GROUP: "cache backend"}
 
 #: The extra of the `rulework` distribution that installs a built-in backend's dependencies.
 _BUILTIN_EXTRAS: dict[tuple[str, str], str] = {
-    (EXECUTORS_GROUP, "ssh"): "ssh",
-    (EXECUTORS_GROUP, "container"): "container",
+    (EXECUTORS_GROUP, "reapi"): "reapi",
     (CACHE_BACKENDS_GROUP, "s3"): "s3",
+    (CACHE_BACKENDS_GROUP, "reapi"): "reapi",
 }
 
 
