@@ -6,12 +6,16 @@ A *hit* is what the process runner does for a cached process: `CacheLayer.get_ac
 i.e. the backend's `get_action` plus a `find_missing_blobs` of the blobs the entry names
 (stdout, stderr and a small output tree: 5 blobs). A *put* stores stdout and stderr
 (`write_blobs`) and the entry (`CacheLayer.put_action`, which checks its blobs are present).
+Backends named `..._x8` run 8 hits (and puts) at once, as an engine running 8 processes does:
+the sqlite backend group-commits concurrent writes, `cache_put_commits` says how many
+transactions its puts took.
 
 Output, one line per figure:
 
     cache_baseline kind=K us_per_op=U
     cache_hit backend=B us_per_hit=U
     cache_put backend=B us_per_put=U
+    cache_put_commits backend=B operations=N transactions=T on_event_loop=L
 
 Backends are listed in `BACKENDS`; another backend's owner adds a `BenchBackend` there (the
 s3 backend runs as a layer's remote, with `concurrency` hits in flight).
@@ -20,6 +24,7 @@ s3 backend runs as a layer's remote, with `concurrency` hits in flight).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sqlite3
 import statistics
 import sys
@@ -65,30 +70,56 @@ async def _memory(directory: Path) -> AsyncIterator[CacheBackend]:
 
 @asynccontextmanager
 async def _sqlite(directory: Path) -> AsyncIterator[CacheBackend]:
-    cache = SqliteCache(SqliteCacheConfig(), directory / "sqlite")
+    cache = SqliteCache(SqliteCacheConfig(), directory / f"sqlite-{next(_COUNTER)}")
     await cache.open()
     try:
         yield cache
     finally:
+        _report_commits("sqlite", cache)
         await cache.aclose()
+
+
+_COUNTER = itertools.count()
 
 
 @asynccontextmanager
 async def _sqlite_threads_only(directory: Path) -> AsyncIterator[CacheBackend]:
-    cache = SqliteCache(SqliteCacheConfig(loop_thread_reads=False), directory / "sqlite-threads")
+    options: dict[str, bool] = {"loop_thread_reads": False}
+    if "loop_thread_writes" in SqliteCacheConfig.__dataclass_fields__:
+        options["loop_thread_writes"] = False
+    cache = SqliteCache(SqliteCacheConfig(**options), directory / f"sqlite-t{next(_COUNTER)}")
     await cache.open()
     try:
         yield cache
     finally:
+        _report_commits("sqlite_threads_only", cache)
         await cache.aclose()
 
 
 BACKENDS: list[BenchBackend] = [
     BenchBackend("memory", _memory),
     BenchBackend("sqlite", _sqlite),
-    # The same database without the event-loop fast path, to show what it buys.
+    # The same database without the event-loop fast paths, to show what they buy.
     BenchBackend("sqlite_threads_only", _sqlite_threads_only),
+    # 8 operations in flight, as under an engine running 8 processes: group commits form.
+    BenchBackend("memory_x8", _memory, concurrency=8),
+    BenchBackend("sqlite_x8", _sqlite, concurrency=8),
+    BenchBackend("sqlite_threads_only_x8", _sqlite_threads_only, concurrency=8),
 ]
+
+
+def _report_commits(name: str, cache: SqliteCache) -> None:
+    """How the backend's writes were grouped (absent from older backends without the figure)."""
+    write_statistics = getattr(cache, "write_statistics", None)
+    if write_statistics is not None:
+        stats = write_statistics()
+        _report(
+            "cache_put_commits",
+            backend=name,
+            operations=stats.operations,
+            transactions=stats.transactions,
+            on_event_loop=stats.event_loop_transactions,
+        )
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -260,6 +291,23 @@ async def _baselines(directory: Path, n: int) -> None:
         return bytes(row[0])
 
     _report("cache_baseline", kind="sqlite_select_direct", us_per_op=_median_us_sync(keys, select))
+
+    # What the writes of a put cost without any batching: one row, one transaction, directly
+    # on this thread (SQLite's defaults otherwise: automatic checkpoints included).
+    commit_con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    commit_con.execute("PRAGMA synchronous=NORMAL")
+
+    def insert_commit(key: str) -> None:
+        commit_con.execute("BEGIN IMMEDIATE")
+        commit_con.execute("INSERT OR REPLACE INTO t VALUES (?, ?)", ("w" + key, table[key]))
+        commit_con.execute("COMMIT")
+
+    _report(
+        "cache_baseline",
+        kind="sqlite_commit_one_row_direct",
+        us_per_op=_median_us_sync(keys, insert_commit),
+    )
+    commit_con.close()
 
     async def select_in_thread(key: str) -> bytes:
         return await trio.to_thread.run_sync(select, key)

@@ -602,7 +602,9 @@ class SqliteCache:
             weight += op.weight
         return batch
 
-    def _finish(self, op: _WriteOp, *, value: Any = None, error: BaseException | None = None) -> None:
+    def _finish(
+        self, op: _WriteOp, *, value: Any = None, error: BaseException | None = None
+    ) -> None:
         op.state = _DONE
         op.value = value
         op.error = error
@@ -655,6 +657,7 @@ class SqliteCache:
         finally:
             if not touched:
                 self._restore_touches(actions, blobs)
+        assert results is not None
         committed = 0
         requeue: list[_WriteOp] = []
         now = trio.current_time()
@@ -837,7 +840,7 @@ class SqliteCache:
         if not pairs:
             await trio.lowlevel.checkpoint()
             return frozenset()
-        if self._loop_reader is None:
+        if self._loop is None:
             await self._ensure_open()
         hashes = [h for h, _ in pairs]
         small = len(pairs) <= _FAST_PATH_MAX_DIGESTS
@@ -942,7 +945,12 @@ class SqliteCache:
             (_hash_key(d), d.serialized_bytes_length, None if d in large else bytes(v))
             for d, v in blobs.items()
         ]
-        added = await self._run_write("writing blobs", lambda con: _insert_blobs_sync(con, rows))
+        added = await self._run_write(
+            "writing blobs",
+            functools.partial(_insert_blobs_sync, rows=rows),
+            weight=sum(len(data) + 64 for _, _, data in rows if data is not None),
+            heavy=len(rows) > _FAST_PATH_MAX_DIGESTS,
+        )
         self._counters.blob_writes += len(rows)
         self._counters.bytes_written += added
 
@@ -962,7 +970,9 @@ class SqliteCache:
         except (OSError, StoreError) as exc:
             raise self._database_error(f"copying {src} into the blob directory", exc) from exc
         row = [(_hash_key(digest), digest.serialized_bytes_length, None)]
-        added = await self._run_write("writing blobs", lambda con: _insert_blobs_sync(con, row))
+        added = await self._run_write(
+            "writing blobs", functools.partial(_insert_blobs_sync, rows=row)
+        )
         self._counters.blob_writes += 1
         self._counters.bytes_written += added
 
@@ -1004,7 +1014,9 @@ class SqliteCache:
     async def _forget(self, digests: Sequence[Digest], *, count_as_corrupt: bool = False) -> None:
         hashes = [_hash_key(d) for d in digests]
         removed = await self._run_write(
-            "removing blobs", lambda con: _delete_blobs_sync(con, hashes)
+            "removing blobs",
+            functools.partial(_delete_blobs_sync, hashes=hashes),
+            heavy=len(hashes) > _FAST_PATH_MAX_DIGESTS,
         )
         files = [d for d in digests if removed.get(_hash_key(d))]
         if files:
@@ -1075,6 +1087,7 @@ class SqliteCache:
                 functools.partial(
                     _gc_batch_sync, excess=total - target_bytes, newest_allowed=newest_allowed
                 ),
+                heavy=True,
             )
             if not batch.removed_any:
                 complete = False  # only entries younger than min_age_seconds are left
@@ -1163,7 +1176,9 @@ class SqliteCache:
                 bad.append(path)
         if adopted:
             await self._run_write(
-                "indexing stray blob files", lambda con: _insert_blobs_sync(con, adopted)
+                "indexing stray blob files",
+                functools.partial(_insert_blobs_sync, rows=adopted),
+                heavy=True,
             )
         if bad:
             await trio.to_thread.run_sync(_unlink_all, bad)
@@ -1212,16 +1227,18 @@ _SCHEMA = (
 )
 
 
-def _noop(con: sqlite3.Connection) -> None:
+def _noop(con: sqlite3.Connection, tx: _Tx) -> None:
     return None
 
 
 def _transaction(
     con: sqlite3.Connection,
-    fn: Callable[[sqlite3.Connection], _T],
-    touch_actions: dict[str, int],
-    touch_blobs: dict[bytes, int],
-) -> _T:
+    fns: Sequence[_WriteFn[Any]],
+    touch_actions: Mapping[str, int],
+    touch_blobs: Mapping[bytes, int],
+) -> list[Any]:
+    """Run `fns` in one IMMEDIATE transaction with the given access-time updates; returns
+    their results. Raises `_BusyError` when the write lock is held elsewhere."""
     try:
         con.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
@@ -1229,7 +1246,8 @@ def _transaction(
             raise _BusyError() from exc
         raise
     try:
-        result = fn(con)
+        tx = _Tx(_now())
+        results = [fn(con, tx) for fn in fns]
         if touch_actions:
             con.executemany(
                 "UPDATE actions SET atime = max(atime, ?) WHERE key = ?",
@@ -1240,6 +1258,10 @@ def _transaction(
                 "UPDATE blobs SET atime = max(atime, ?) WHERE hash = ?",
                 [(t, h) for h, t in touch_blobs.items()],
             )
+        if tx.total_delta:
+            con.execute(
+                "UPDATE meta SET value = value + ? WHERE name = 'total_bytes'", (tx.total_delta,)
+            )
         con.execute("COMMIT")
     except BaseException as exc:
         if con.in_transaction:
@@ -1247,7 +1269,41 @@ def _transaction(
         if isinstance(exc, sqlite3.OperationalError) and _is_busy(exc):
             raise _BusyError() from exc
         raise
-    return result
+    return results
+
+
+def _commit_sync(
+    con: sqlite3.Connection,
+    fns: Sequence[_WriteFn[Any]],
+    touch_actions: Mapping[str, int],
+    touch_blobs: Mapping[bytes, int],
+) -> tuple[list[_Result], bool]:
+    """Commit a group of operations: one transaction, or, when one of them fails, each in its
+    own so that only that one fails. Returns each one's outcome (None: not run, the lock was
+    held elsewhere) and whether the access times were written."""
+    try:
+        values = _transaction(con, fns, touch_actions, touch_blobs)
+        return [("ok", value) for value in values], True
+    except _BusyError:
+        return [None] * len(fns), False
+    except Exception as exc:
+        if len(fns) == 1:
+            return [("error", exc)], False
+    results: list[_Result] = []
+    for index, fn in enumerate(fns):
+        try:
+            results.append(("ok", _transaction(con, (fn,), {}, {})[0]))
+        except _BusyError:
+            # Another process took the lock between two of these: the rest wait for a retry.
+            results.extend([None] * (len(fns) - index))
+            break
+        except Exception as exc:
+            results.append(("error", exc))
+    return results, False
+
+
+def _checkpoint_sync(con: sqlite3.Connection) -> None:
+    con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 def _busy_guard(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -1257,11 +1313,6 @@ def _busy_guard(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T])
         if _is_busy(exc):
             raise _BusyError() from exc
         raise
-
-
-def _add_total(con: sqlite3.Connection, delta: int) -> None:
-    if delta:
-        con.execute("UPDATE meta SET value = value + ? WHERE name = 'total_bytes'", (delta,))
 
 
 def _total_bytes_sync(con: sqlite3.Connection) -> int:
@@ -1274,16 +1325,16 @@ def _get_action_sync(con: sqlite3.Connection, key: str) -> tuple[bytes, int] | N
     return (rows[0][0], rows[0][1]) if rows else None
 
 
-def _put_action_sync(con: sqlite3.Connection, key: str, value: bytes) -> None:
+def _put_action_sync(con: sqlite3.Connection, tx: _Tx, key: str, value: bytes) -> None:
     cost = len(key.encode()) + len(value)
     old = con.execute("SELECT cost FROM actions WHERE key = ?", (key,)).fetchall()
     con.execute(
         "INSERT INTO actions (key, atime, cost, value) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (key) DO UPDATE SET atime = excluded.atime, cost = excluded.cost, "
         "value = excluded.value",
-        (key, _now(), cost, value),
+        (key, tx.now, cost, value),
     )
-    _add_total(con, cost - (old[0][0] if old else 0))
+    tx.total_delta += cost - (old[0][0] if old else 0)
 
 
 @functools.cache
@@ -1321,11 +1372,11 @@ def _read_rows_sync(
 
 
 def _insert_blobs_sync(
-    con: sqlite3.Connection, rows: Sequence[tuple[bytes, int, bytes | None]]
+    con: sqlite3.Connection, tx: _Tx, rows: Sequence[tuple[bytes, int, bytes | None]]
 ) -> int:
     """Insert blob rows; those already present only get a fresh access time. Returns the
     bytes newly added."""
-    now = _now()
+    now = tx.now
     added = 0
     for hash_, size, data in rows:
         cursor = con.execute(
@@ -1338,11 +1389,13 @@ def _insert_blobs_sync(
             con.execute(
                 "UPDATE blobs SET atime = ? WHERE hash = ? AND atime < ?", (now, hash_, now)
             )
-    _add_total(con, added)
+    tx.total_delta += added
     return added
 
 
-def _delete_blobs_sync(con: sqlite3.Connection, hashes: Sequence[bytes]) -> dict[bytes, bool]:
+def _delete_blobs_sync(
+    con: sqlite3.Connection, tx: _Tx, hashes: Sequence[bytes]
+) -> dict[bytes, bool]:
     """Delete rows; returns the deleted hashes, each with whether it was file-backed (the
     caller removes those files after the commit)."""
     deleted: dict[bytes, bool] = {}
@@ -1357,7 +1410,7 @@ def _delete_blobs_sync(con: sqlite3.Connection, hashes: Sequence[bytes]) -> dict
         for hash_, size, is_file in rows:
             freed += size
             deleted[hash_] = bool(is_file)
-    _add_total(con, -freed)
+    tx.total_delta -= freed
     return deleted
 
 
@@ -1373,7 +1426,7 @@ class _GcBatch:
         return bool(self.actions or self.blob_hashes)
 
 
-def _gc_batch_sync(con: sqlite3.Connection, excess: int, newest_allowed: int) -> _GcBatch:
+def _gc_batch_sync(con: sqlite3.Connection, tx: _Tx, excess: int, newest_allowed: int) -> _GcBatch:
     candidates = con.execute(
         "SELECT kind, id, cost, hash, is_file FROM ("
         "  SELECT 'a' AS kind, rowid AS id, atime, cost, NULL AS hash, 0 AS is_file"
@@ -1402,8 +1455,10 @@ def _gc_batch_sync(con: sqlite3.Connection, excess: int, newest_allowed: int) ->
     for table, ids in (("actions", action_ids), ("blobs", blob_ids)):
         for chunk in _chunks(ids):
             con.execute(f"DELETE FROM {table} WHERE rowid IN ({_placeholders(len(chunk))})", chunk)
-    _add_total(con, -freed)
-    return _GcBatch(len(action_ids), blob_hashes, file_digests, _total_bytes_sync(con))
+    tx.total_delta -= freed
+    # meta.total_bytes is updated at the end of the transaction: add what is pending.
+    total_after = _total_bytes_sync(con) + tx.total_delta
+    return _GcBatch(len(action_ids), blob_hashes, file_digests, total_after)
 
 
 def _quick_check_sync(con: sqlite3.Connection) -> list[str]:
@@ -1454,4 +1509,10 @@ def _close_all(connections: Iterable[sqlite3.Connection | None]) -> None:
             con.close()
 
 
-__all__ = ["GcReport", "SqliteCache", "SqliteCacheConfig", "VerifyReport"]
+__all__ = [
+    "GcReport",
+    "SqliteCache",
+    "SqliteCacheConfig",
+    "SqliteWriteStatistics",
+    "VerifyReport",
+]

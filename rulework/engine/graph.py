@@ -153,7 +153,15 @@ _Key: TypeAlias = tuple[type, frozenset[type], frozenset[type]]
 
 
 class _Pending:
-    """A reference to a `(type, scope)` still being solved (recursion through Gets)."""
+    """A reference to a `(type, scope, requirement)` key still being solved (recursion).
+
+    `key` is the key in progress; `requirement` is non-empty when a Get needed `key`'s type
+    from inputs while the *preferred* way (`key`, solved without requirement) was in
+    progress: whether that way consumes the inputs is unknown until it is solved and the
+    params are complete, so `_Solution._patch` then checks it, and re-solves the Get's key
+    `(type, scope, requirement)` when it does not (rule 1). A placeholder is never memoized:
+    once the key in progress is finished, asking again gives the real answer.
+    """
 
     __slots__ = ("key", "requirement")
 
@@ -264,6 +272,8 @@ class _Builder:
         }
         # Invariant: a key is in `memo` only once its computation finished, and in `in_progress`
         # exactly while it is being computed (a reference to it then yields a `_Pending`).
+        # Invariant: no value in `memo` is a `_Pending` (a placeholder stands for a key still
+        # in progress; memoizing it would hide that key's real result once it is known).
         self.memo: dict[_Key, _Result] = {}
         self.in_progress: set[_Key] = set()
         self.param_sources: dict[type, ParamSource] = {}
@@ -362,7 +372,8 @@ class _Builder:
                 result = self._solve_greedy(tp, scope)
         finally:
             self.in_progress.discard(key)
-        self.memo[key] = result
+        if not isinstance(result, _Pending):
+            self.memo[key] = result
         return result
 
     def _solve_greedy(self, tp: type, scope: frozenset[type]) -> _Result:
@@ -445,7 +456,9 @@ class _Builder:
         """Solve `tp` for a Get: the way must consume every type in `requirement` (rule 1)."""
         preferred = self.solve(tp, scope, _EMPTY)
         if isinstance(preferred, _Pending):
-            # Recursion: assume the way being solved consumes the inputs; checked afterwards.
+            # Recursion: the preferred way is still being solved. Whether it consumes the
+            # inputs is decided once it is known (`_Solution._patch`), and if it does not,
+            # this key is solved again then.
             return _Pending(preferred.key, requirement)
         if isinstance(preferred, RuleNode | ParamSource) and requirement <= self.consumed(
             preferred
@@ -512,9 +525,21 @@ class _Builder:
                     opts.append((alt, subset))
             options.append(opts)
         candidates = [i for i, opts in enumerate(options) if opts]
+        reachable = set(gets_consumed)
+        for i, c in enumerate(base_cover):
+            if c:
+                reachable |= c
+        for opts in options:
+            for _alt, c in opts:
+                reachable |= c
+        if not remaining <= reachable:
+            # No way of running this rule here consumes the inputs (rule 1): it is not a
+            # candidate at all, even if one of its parameters is ambiguous here.
+            return []
         stuck = [i for i in forced if i not in candidates]
         if stuck:
-            # A parameter is ambiguous here and no way that uses the inputs resolves it.
+            # A parameter is ambiguous here, no way that uses the inputs resolves it, and the
+            # rule would otherwise consume the inputs: a candidate that cannot be chosen.
             return [
                 _Attempt(
                     info,
@@ -962,7 +987,7 @@ class _Solution:
         """Replace recursion placeholders by the solved nodes; complete params; check Gets.
 
         Repeats until nothing changes: re-solving a Get can itself meet recursion (new
-        placeholders). It terminates because each re-solve replaces a memo entry whose
+        placeholders). It terminates because each re-solve replaces a placeholder whose
         assumption failed by a concrete result, and there are finitely many keys.
         """
         builder = self.builder
@@ -978,17 +1003,21 @@ class _Solution:
                 return parents
             parents = self._walk()
             self._complete_params(parents)
-            # A Get solved while its target was in progress assumed the target consumes the
-            # Get's inputs; re-solve the ones where that turned out false.
+            # A Get solved while its preferred way was in progress was pointed at that way;
+            # rule 1 holds only if the way consumes the Get's inputs once params are complete.
+            # Where it does not (or the way failed), the Get's own key is solved now that the
+            # preferred way is known: `_solve_required` then looks for the ways that do.
             redo = [
                 (node, site, pending)
                 for node, site, pending in recheck
                 if not pending.requirement <= builder.consumed(_get_target(node, site))
             ]
+            solved: dict[_Key, _Result] = {}
             for node, site, pending in redo:
-                tp, scope, requirement = pending.key[0], pending.key[1], pending.requirement
-                builder.memo.pop((tp, scope, requirement), None)
-                result = builder.solve(tp, scope, requirement)
+                key = (pending.key[0], pending.key[1], pending.requirement)
+                result = solved.get(key)
+                if result is None:
+                    result = solved[key] = builder.solve(*key)
                 if isinstance(result, _Failure):
                     self._explain(site, result, self._chain(node, parents))
                 else:
@@ -1010,26 +1039,30 @@ class _Solution:
         for site, target in list(_edges(node)):
             if not isinstance(target, _Pending):
                 continue
-            resolved = self._resolve(target)
-            if isinstance(resolved, _Failure):
+            resolved = self.builder.memo[target.key]  # finished: nothing is in progress now
+            if target.requirement:
+                # Only a candidate: checked once params are complete. A failure of the
+                # preferred way is not this Get's failure (the Get's inputs may resolve it):
+                # the placeholder stays until its own key is solved.
+                recheck.append((node, site, target))
+                if isinstance(resolved, _Failure):
+                    continue
+            elif isinstance(resolved, _Failure):
                 self._explain(site, resolved, self._chain(node, parents))
                 continue
             _set_target(node, site, resolved)
-            if target.requirement:
-                recheck.append((node, site, target))
-
-    def _resolve(self, pending: _Pending) -> _Result:
-        result: _Result = pending
-        for _ in range(4):  # a placeholder points at a finished key; at most a short chain
-            if not isinstance(result, _Pending):
-                return result
-            result = self.builder.memo[result.key]
-        raise AssertionError("unresolvable recursion placeholder")
 
     def _complete_params(self, parents: dict[RuleNode, tuple[RuleNode | None, _Site]]) -> None:
-        """Fixpoint: a node consumes what its dependencies and Get targets (minus inputs) do."""
+        """Least fixpoint: a node consumes what its dependencies and Get targets (minus inputs) do.
+
+        Computed afresh over the reachable nodes rather than grown from their current sets:
+        a target replaced by `_patch` must not leave behind params that only the replaced
+        target consumed. For nodes without recursion below them this gives back exactly the
+        sets computed when they were built; it only adds what placeholders hid.
+        """
         users: dict[RuleNode, list[RuleNode]] = {}
         for node in parents:
+            node._consumed = _EMPTY
             for _site, target in _edges(node):
                 if isinstance(target, RuleNode):
                     users.setdefault(target, []).append(node)

@@ -905,18 +905,8 @@ class Session:
         node.must_rerun = False
         node.error = None
         node.value = value
-        node.state = _DONE
         self._completed += 1
-        waiters = node.waiters
-        node.waiters = None
-        node.scope = None
-        node.parent = None
-        if waiters:
-            for waiter in waiters:
-                waiter.remaining -= 1
-                if waiter.remaining == 0 and not waiter.woken:
-                    waiter.woken = True
-                    _reschedule(waiter.task)
+        _settle_done(node)
 
     def _fail(self, node: Node, error: BaseException) -> None:
         if not hasattr(error, "__rulework_traced__"):
@@ -966,17 +956,7 @@ class Session:
             self._failed -= 1
         else:
             node.verified_at = self._revision
-            waiters = node.waiters
-            node.waiters = None
-            node.scope = None
-            node.parent = None
-            node.state = _DONE
-            if waiters:
-                for waiter in waiters:
-                    waiter.remaining -= 1
-                    if waiter.remaining == 0 and not waiter.woken:
-                        waiter.woken = True
-                        _reschedule(waiter.task)
+            _settle_done(node)
 
     def _revive(self, node: Node, parent: Node | None) -> None:
         """Start refreshing a DIRTY node: it becomes PENDING and its task verifies or re-runs."""
@@ -1020,6 +1000,21 @@ class Session:
         )
         for subscriber in tuple(self._subscribers):
             subscriber(unit)
+
+
+def _settle_done(node: Node) -> None:
+    """Mark `node` DONE, release what only a pending node needs, and wake its waiters."""
+    node.state = _DONE
+    waiters = node.waiters
+    node.waiters = None
+    node.scope = None
+    node.parent = None
+    if waiters:
+        for waiter in waiters:
+            waiter.remaining -= 1
+            if waiter.remaining == 0 and not waiter.woken:
+                waiter.woken = True
+                _reschedule(waiter.task)
 
 
 def _same(old: Any, new: Any) -> bool:
