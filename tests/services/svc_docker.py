@@ -32,9 +32,10 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import pytest
+
+from ._common import unavailable
 
 BUSYBOX = Path("/bin/busybox")
 TEST_IMAGE = "localhost/rulework-test/busybox:latest"
@@ -81,12 +82,6 @@ class BusyboxImage:
 
     tag: str
     id: str
-
-
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: the docker service tests must run in CI)")
-    pytest.skip(reason)
 
 
 def _is_static_elf(path: Path) -> bool:
@@ -173,10 +168,10 @@ def docker_daemon() -> Iterator[DockerDaemon]:
     """A private dockerd for this test session; `DOCKER_HOST` points at it meanwhile."""
     dockerd, docker = shutil.which("dockerd"), shutil.which("docker")
     if dockerd is None or docker is None:
-        _unavailable("dockerd/docker not installed (run .ci/setup.d/docker.sh)")
+        unavailable("dockerd/docker not installed (run .ci/setup.d/docker.sh)")
     assert dockerd is not None and docker is not None
     if os.geteuid() != 0:
-        _unavailable("starting a private dockerd needs root")
+        unavailable("starting a private dockerd needs root")
     root = Path(tempfile.mkdtemp(prefix="rw-dockerd-"))
     try:
         started = start_dockerd(dockerd, docker, root, "overlay2")
@@ -279,10 +274,10 @@ def podman_runtime() -> Iterator[PodmanRuntime]:
     session (a ContainerExecutor with `runtime = "podman"` picks them up)."""
     podman = shutil.which("podman")
     if podman is None or shutil.which("runc") is None:
-        _unavailable("podman/runc not installed (run .ci/setup.d/docker.sh)")
+        unavailable("podman/runc not installed (run .ci/setup.d/docker.sh)")
     assert podman is not None
     if os.geteuid() != 0:
-        _unavailable("the podman tests use rootful podman and need root")
+        unavailable("the podman tests use rootful podman and need root")
     root = Path(tempfile.mkdtemp(prefix="rw-podman-"))
     previous = {
         name: os.environ.get(name) for name in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF")
@@ -377,7 +372,7 @@ def import_busybox_image(
 
 def _require_static_busybox() -> None:
     if not BUSYBOX.exists() or not _is_static_elf(BUSYBOX):
-        _unavailable(f"{BUSYBOX} from Debian's busybox-static is needed to build the test image")
+        unavailable(f"{BUSYBOX} from Debian's busybox-static is needed to build the test image")
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from ._common import free_port, unavailable, wait_until_listening
 
 _START_TIMEOUT = 60.0  # a safety net: casd starts in a fraction of a second
 
@@ -49,18 +49,9 @@ def _require_casd() -> Path:
     if shutil.which("bwrap") is None:
         problems.append("bwrap is not installed: apt-get install bubblewrap (.ci/setup.d/reapi.sh)")
     if problems:
-        message = "; ".join(problems)
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("; ".join(problems))
     assert buildbox is not None
     return buildbox
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -118,7 +109,7 @@ def start_casd(work_dir: Path, *, jobs: int = 4) -> CasdServer:
     buildbox = _require_casd()
     last_error = ""
     for _attempt in range(3):  # the free port may be taken between probing and binding
-        port = _free_port()
+        port = free_port()
         cache_dir = work_dir / f"casd-{port}"
         cache_dir.mkdir(parents=True)
         log_path = work_dir / f"casd-{port}.log"
@@ -151,18 +142,7 @@ def start_casd(work_dir: Path, *, jobs: int = 4) -> CasdServer:
 
 
 def _wait_until_listening(server: CasdServer) -> bool:
-    # Nothing to wait on but the port itself: poll it, bounded.
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            return False
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", server.port), timeout=1),
-        ):
-            return True
-        time.sleep(0.02)
-    return False
+    return wait_until_listening(server.process, server.port, _START_TIMEOUT)
 
 
 @pytest.fixture(scope="session")

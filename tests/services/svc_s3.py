@@ -21,10 +21,8 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from ._common import free_port, unavailable, wait_until_listening
 
 # Dummy credentials: moto accepts any key unless auth is switched on. Never real ones.
 DUMMY_ACCESS_KEY = "AKIARULEWORKTESTKEY0"
@@ -68,15 +68,7 @@ def _require_moto() -> None:
         "moto's S3 server is not installed: pip install 'moto[server]==5.2.5' "
         "(it is in rulework's `test` extra)"
     )
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    unavailable(message)
 
 
 def _server_env() -> dict[str, str]:
@@ -175,7 +167,7 @@ def start_moto_server(log_dir: Path, *, extra_env: dict[str, str] | None = None)
     _require_moto()
     last_error = ""
     for _attempt in range(3):  # the free port may be taken between probing and binding
-        port = _free_port()
+        port = free_port()
         log_path = log_dir / f"moto-{port}.log"
         env = _server_env() | (extra_env or {})
         with open(log_path, "wb") as log:
@@ -196,17 +188,7 @@ def start_moto_server(log_dir: Path, *, extra_env: dict[str, str] | None = None)
 
 
 def _wait_until_listening(server: MotoServer) -> bool:
-    # Nothing to wait on but the port itself: poll it, bounded.
-    deadline = time.monotonic() + _START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            return False
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(1.0)
-            if sock.connect_ex(("127.0.0.1", server.port)) == 0:
-                return True
-        time.sleep(0.02)
-    return False
+    return wait_until_listening(server.process, server.port, _START_TIMEOUT)
 
 
 @pytest.fixture(scope="session")
