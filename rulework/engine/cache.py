@@ -74,35 +74,70 @@ _KNOWN_REMOTE_LIMIT = 1_000_000
 # An action entry as stored in a backend: magic, closure size, the closure's digests (32-byte
 # BLAKE3 + 64-bit size each, sorted), then the caller's value. A value that does not start
 # with the magic (written by something else) is treated as a miss, never misread.
+# Entries written to a remote (`rwc2`) also carry the bytes of the closure's small blobs after
+# the digests (an inline flag per digest, then the inlined blobs in digest order), so that a
+# remote hit is one request instead of one per blob; the blobs are uploaded to the CAS as well.
 _MAGIC: Final = b"rwc1"
+_MAGIC_INLINE: Final = b"rwc2"
 _HEADER = struct.Struct(">4sI")
 _DIGEST = struct.Struct(">32sQ")
+# A blob up to this size is inlined in a remote entry, up to this many bytes per entry.
+_INLINE_BLOB_BYTES = 64 * 1024
+_INLINE_ENTRY_BYTES = 1 * _MiB
 
 
-def encode_entry(value: bytes, blobs: Iterable[Digest]) -> bytes:
-    """An action entry: `value` plus the digests of the blobs it refers to."""
+def encode_entry(
+    value: bytes, blobs: Iterable[Digest], inline: Mapping[Digest, bytes] | None = None
+) -> bytes:
+    """An action entry: `value` plus the digests of the blobs it refers to, and optionally the
+    (already verified) bytes of some of them."""
     items = sorted(set(blobs))
-    return b"".join(
-        [
-            _HEADER.pack(_MAGIC, len(items)),
-            *(_DIGEST.pack(bytes.fromhex(d.fingerprint), d.serialized_bytes_length) for d in items),
-            value,
-        ]
-    )
+    parts = [
+        _HEADER.pack(_MAGIC_INLINE if inline else _MAGIC, len(items)),
+        *(_DIGEST.pack(bytes.fromhex(d.fingerprint), d.serialized_bytes_length) for d in items),
+    ]
+    if inline:
+        parts.append(bytes(1 if d in inline else 0 for d in items))
+        parts.extend(inline[d] for d in items if d in inline)
+    parts.append(value)
+    return b"".join(parts)
 
 
 def decode_entry(raw: bytes) -> tuple[bytes, tuple[Digest, ...]] | None:
     """`(value, blobs)` from an entry written by `encode_entry`; None if it is not one."""
+    decoded = decode_entry_inline(raw)
+    return None if decoded is None else decoded[:2]
+
+
+def decode_entry_inline(
+    raw: bytes,
+) -> tuple[bytes, tuple[Digest, ...], dict[Digest, bytes]] | None:
+    """`(value, blobs, inlined blob bytes)` from an entry; None if it is not one. The inlined
+    bytes are as stored: verify them before use."""
     if len(raw) < _HEADER.size:
         return None
     magic, count = _HEADER.unpack_from(raw)
     end = _HEADER.size + count * _DIGEST.size
-    if magic != _MAGIC or len(raw) < end:
+    if magic not in (_MAGIC, _MAGIC_INLINE) or len(raw) < end:
         return None
     blobs = tuple(
         Digest(hash_.hex(), size) for hash_, size in _DIGEST.iter_unpack(raw[_HEADER.size : end])
     )
-    return raw[end:], blobs
+    inline: dict[Digest, bytes] = {}
+    if magic == _MAGIC_INLINE:
+        flags = raw[end : end + count]
+        if len(flags) != count:
+            return None
+        offset = end + count
+        for digest, flag in zip(blobs, flags, strict=True):
+            if flag:
+                size = digest.serialized_bytes_length
+                if offset + size > len(raw):
+                    return None
+                inline[digest] = raw[offset : offset + size]
+                offset += size
+        end = offset
+    return raw[end:], blobs, inline
 
 
 # Blobs whose content every Store knows without storing them (it never writes them).
@@ -166,6 +201,8 @@ class CacheLayerStatistics:
     remote_writes: int
     """Action entries uploaded to the remote, blobs first."""
     blobs_downloaded: int
+    blobs_inline: int
+    """Blobs that came with a remote entry, so needed no download of their own."""
     blobs_uploaded: int
     remote_failures: int
     """Remote operations that failed or timed out."""
@@ -248,6 +285,7 @@ class CacheLayer:
                 "writes",
                 "remote_writes",
                 "blobs_downloaded",
+                "blobs_inline",
                 "blobs_uploaded",
                 "remote_failures",
                 "remote_skipped",
@@ -300,14 +338,16 @@ class CacheLayer:
                 "reading an action entry", functools.partial(remote.get_action, key)
             )
             if isinstance(found, bytes):
-                raw = found
-                entry = decode_entry(raw)
-                if entry is not None:
-                    if await self._ensure_local(entry[1]):
+                remote_entry = decode_entry_inline(found)
+                if remote_entry is not None:
+                    value, blobs, inline = remote_entry
+                    if inline:
+                        await self._accept_inline(inline)
+                    if await self._ensure_local(blobs):
                         if self.local is not None:
-                            await self.local.put_action(key, raw)
+                            await self.local.put_action(key, encode_entry(value, blobs))
                         self._counts["remote_hits"] += 1
-                        return entry[0], "remote_cache"
+                        return value, "remote_cache"
                     self._counts["incomplete_entries"] += 1
         self._counts["misses"] += 1
         return None
@@ -377,6 +417,17 @@ class CacheLayer:
         return {d for d in blobs if _needs_storage(d)}
 
     # -- moving blobs between the layers ---------------------------------------------------------
+
+    async def _accept_inline(self, blobs: Mapping[Digest, bytes]) -> None:
+        """Write the verified blobs of a remote entry into `local_blobs` (corrupt ones are
+        skipped: `_ensure_local` then downloads them like any other missing blob)."""
+        corrupt = set(_verify_many(blobs))
+        good = {d: data for d, data in blobs.items() if d not in corrupt and _needs_storage(d)}
+        if good:
+            missing = await self.local_blobs.find_missing_blobs(good)
+            if missing:
+                await self.local_blobs.write_blobs({d: good[d] for d in missing})
+                self._counts["blobs_inline"] += len(missing)
 
     async def _ensure_local(self, blobs: Sequence[Digest] | set[Digest]) -> bool:
         if not blobs:
@@ -480,11 +531,30 @@ class CacheLayer:
             for digest in large:
                 if not await self._upload_file(remote, digest):
                     return
+        entry = await self._with_inline_blobs(job)
         result = await self._remote_call(
-            "uploading an action entry", lambda: remote.put_action(job.key, job.entry)
+            "uploading an action entry", lambda: remote.put_action(job.key, entry)
         )
         if not isinstance(result, _Failed):
             self._counts["remote_writes"] += 1
+
+    async def _with_inline_blobs(self, job: _Upload) -> bytes:
+        """The entry to upload: with the bytes of its small blobs inlined, when it has any."""
+        small: list[Digest] = []
+        total = 0
+        for digest in job.blobs:
+            size = digest.serialized_bytes_length
+            if size <= _INLINE_BLOB_BYTES and total + size <= _INLINE_ENTRY_BYTES:
+                small.append(digest)
+                total += size
+        if not small:
+            return job.entry
+        decoded = decode_entry(job.entry)
+        assert decoded is not None  # built by put_action
+        data = await self.local_blobs.read_blobs(small)
+        corrupt = set(_verify_many(data))
+        inline = {d: b for d, b in data.items() if d not in corrupt}
+        return encode_entry(decoded[0], decoded[1], inline) if inline else job.entry
 
     async def _upload_file(self, remote: CacheBackend, digest: Digest) -> bool:
         path = await self._temp_path()
