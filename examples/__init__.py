@@ -1,0 +1,1 @@
+"""Runnable rulework workflows: `images` (an image-upload pipeline) and `build` (a software build)."""

@@ -1,0 +1,1 @@
+"""The software-build workflow: `rulework run examples/build/workflow.py:test`."""

@@ -1,0 +1,1 @@
+"""A small calculator package: the project that the build example tests."""

@@ -1,0 +1,1 @@
+"""The image-upload workflow: `rulework run examples/images/workflow.py:ingest`."""
