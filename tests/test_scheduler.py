@@ -512,3 +512,15 @@ async def test_sessions_relax_the_gc_threshold_and_restore_it() -> None:
         assert gc.get_threshold()[0] >= 20_000
         assert await s1.get(Out, N(2)) == Out(20)
     assert gc.get_threshold() == before
+
+
+async def test_end_events_keep_their_parent() -> None:
+    events: list[object] = []
+    e = engine(leaf, total, QueryRule(Total, (N,)))
+    async with e.session(subscribers=[events.append]) as s:
+        await s.get(Total, N(2))
+    by_kind: dict[str, dict[int, object]] = {"start": {}, "end": {}}
+    for ev in events:
+        by_kind[ev.kind][ev.node_id] = ev.parent_id  # type: ignore[attr-defined]
+    assert by_kind["start"] == by_kind["end"]
+    assert sorted(by_kind["end"].values(), key=str)[-1] is None  # the root has no parent

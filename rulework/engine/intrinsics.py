@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+from .errors import ProcessExecutionFailure
 from .fs import (
     AddPrefix,
     CreateDigest,
@@ -130,6 +131,33 @@ async def run_fallible_process(process: Process) -> FallibleProcessResult:
 @rule
 async def run_process(process: Process) -> ProcessResult:
     return await _services().run_process_checked(process)
+
+
+def process_workunit_metadata(node: Any, kind: str) -> dict[str, Any]:
+    """What progress displays and traces show about a process node's events."""
+    process: Process = node.values[0]
+    metadata: dict[str, Any] = {
+        "description": process.description,
+        "environment": process.environment,
+    }
+    if kind == "end":
+        result = node.value
+        if result is not None:
+            metadata.update(
+                environment=result.metadata.environment,
+                source=result.metadata.source,
+                duration_seconds=result.metadata.duration_seconds,
+                exit_code=getattr(result, "exit_code", 0),
+            )
+        elif isinstance(node.error, ProcessExecutionFailure):
+            metadata.update(
+                environment=node.error.environment, source="ran", exit_code=node.error.exit_code
+            )
+    return metadata
+
+
+for _process_rule in (run_fallible_process, run_process):
+    setattr(_process_rule, "__rulework_workunit_metadata__", process_workunit_metadata)  # noqa: B010
 
 
 _RULES: tuple[Any, ...] = (

@@ -106,6 +106,8 @@ class Compiled:
     persist: PersistHook | None = None
     # For nodes that read the workspace: `(key values, changed relative paths) -> bool`.
     reads_paths: Callable[[tuple[Any, ...], Sequence[str]], bool] | None = None
+    # For nodes whose events carry details (processes): `(node, "start"|"end") -> metadata`.
+    workunit_metadata: Callable[[Node, str], Mapping[str, Any] | None] | None = None
 
 
 def _checkable(tp: Any) -> type | tuple[type, ...] | None:
@@ -149,6 +151,7 @@ class CompiledGraph:
             output_check=_checkable(rule.output_type),
             param_names=tuple(rule.parameter_names),
             reads_paths=getattr(rule.func, "__rulework_reads_paths__", None),
+            workunit_metadata=getattr(rule.func, "__rulework_workunit_metadata__", None),
         )
         # Register before compiling edges: recursive rules point back at themselves.
         self._by_node[node] = compiled
@@ -494,7 +497,8 @@ class Session:
         self._cache_hits: dict[str, int] = {}
         self._per_rule: dict[str, list[float]] = {}
         self._roots: dict[tuple[type, frozenset[type]], _Edge] = {}
-        self._last_roots: list[Node] = []
+        # The nodes requested since the last `collect_garbage` (what it keeps, with their inputs).
+        self._recent_roots: list[Node] = []
 
     # -- public API ------------------------------------------------------------------------
 
@@ -520,7 +524,7 @@ class Session:
                 results.append(key_values[0])
             else:
                 results.append(self._node_for(edge.target, key_values, None))
-        self._last_roots = [r for r in results if r.__class__ is Node]
+        self._recent_roots.extend(r for r in results if r.__class__ is Node)
         if self._deadline == math.inf:
             return await self._collect(None, results)
         with trio.fail_at(self._deadline):
@@ -585,12 +589,13 @@ class Session:
         return self._invalidate(roots)
 
     def collect_garbage(self) -> int:
-        """Forget memoized nodes that the last request's roots no longer use; returns how many.
-
-        Watch mode calls it after each run so memory stays bounded across many re-runs.
+        """Forget memoized nodes that no request since the previous collection used (directly or
+        through their inputs); returns how many. Watch mode calls it after each re-run so memory
+        stays bounded across many re-runs.
         """
         keep: set[int] = set()
-        stack = [n for n in self._last_roots]
+        stack = self._recent_roots
+        self._recent_roots = []
         while stack:
             node = stack.pop()
             if id(node) in keep:
@@ -599,7 +604,9 @@ class Session:
             if node.deps:
                 stack.extend(node.deps)
         doomed = [
-            node for node in self._all_nodes() if id(node) not in keep and node.state is not _PENDING
+            node
+            for node in self._all_nodes()
+            if id(node) not in keep and node.state is not _PENDING
         ]
         for node in doomed:
             self._forget(node)
@@ -830,8 +837,9 @@ class Session:
         compiled = node.compiled
         subscribers = self._subscribers
         started = _perf_counter()
+        parent = node.parent  # cleared when the node settles; its events keep it
         if subscribers:
-            self._emit(node, "start", started)
+            self._emit(node, "start", started, parent)
         outcome = "cancelled"
         cache: str | None = None
         refreshing = node.verified_at >= 0
@@ -884,7 +892,13 @@ class Session:
                 stats[2] += elapsed
             if subscribers:
                 self._emit(
-                    node, "end", started + elapsed, outcome, elapsed, cache or node.cache_source
+                    node,
+                    "end",
+                    started + elapsed,
+                    parent,
+                    outcome,
+                    elapsed,
+                    cache or node.cache_source,
                 )
 
     async def _dependencies(self, node: Node) -> list[Any]:
@@ -982,11 +996,12 @@ class Session:
         node: Node,
         kind: str,
         timestamp: float,
+        parent: Node | None,
         outcome: str | None = None,
         duration: float | None = None,
         cache: str | None = None,
     ) -> None:
-        parent = node.parent
+        metadata_of = node.compiled.workunit_metadata
         unit = Workunit(
             kind=kind,
             node_id=node.node_id,
@@ -997,6 +1012,7 @@ class Session:
             outcome=outcome,
             duration_seconds=duration,
             cache=cache,
+            metadata=None if metadata_of is None else metadata_of(node, kind),
         )
         for subscriber in tuple(self._subscribers):
             subscriber(unit)

@@ -8,10 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..engine import intrinsics
-from ..engine.errors import ProcessExecutionFailure
-from ..engine.process import Process
 from ..engine.rules import rule_info
-from ..engine.scheduler import Workunit, current_node
+from ..engine.scheduler import Workunit
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -80,7 +78,7 @@ def process_info(unit: Workunit) -> ProcessInfo | None:
     metadata = unit.metadata
     if metadata and "description" in metadata:
         return _from_metadata(metadata)
-    return _from_current_node(unit)
+    return None
 
 
 def _from_metadata(metadata: Mapping[str, Any]) -> ProcessInfo:
@@ -97,39 +95,6 @@ def _from_metadata(metadata: Mapping[str, Any]) -> ProcessInfo:
 
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _from_current_node(unit: Workunit) -> ProcessInfo | None:
-    # Until the scheduler puts the process details into `Workunit.metadata`: events are
-    # delivered synchronously from the node's own task, where `current_node()` is the node the
-    # event is about, so its Process (its only param) and its result can be read there.
-    try:
-        node = current_node()
-    except RuntimeError:
-        return None
-    if node.node_id != unit.node_id or not node.values:
-        return None
-    process = node.values[0]
-    if not isinstance(process, Process):
-        return None
-    if unit.kind != "end":
-        return ProcessInfo(process.description, process.environment)
-    result = node.value
-    metadata = getattr(result, "metadata", None)
-    if metadata is not None:
-        return ProcessInfo(
-            process.description,
-            metadata.environment,
-            metadata.source,
-            metadata.duration_seconds,
-            getattr(result, "exit_code", 0),
-        )
-    error = node.error
-    if isinstance(error, ProcessExecutionFailure):
-        return ProcessInfo(
-            process.description, error.environment, source="ran", exit_code=error.exit_code
-        )
-    return ProcessInfo(process.description, process.environment)
 
 
 def node_label(unit: Workunit) -> str:
