@@ -45,7 +45,8 @@ from .engine.engine import Engine
 from .engine.errors import ConfigError, RuleDefinitionError, RuleGraphError, RuleworkError
 from .engine.graph import RuleGraphWarning
 from .engine.rules import collect_rules
-from .engine.scheduler import Subscriber, unwrap_single
+from .engine.scheduler import Session, Subscriber, unwrap_single
+from .engine.watch import relative_path
 from .goals import GoalArgumentError, GoalContext, GoalInfo, find_goal, goals_of
 from .ui import PlainProgress, SummaryCollector, TraceRecorder, cacheable_rule_names
 from .ui.nodes import INTRINSIC_RULES
@@ -203,6 +204,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--timeout", metavar="SECONDS", type=float, help="give up after this many seconds"
+    )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="after the run, watch the workspace and re-run the goal whenever files it read "
+        "change (only what changed re-runs); Ctrl-C stops",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -652,18 +659,74 @@ class _Run:
         return code
 
     async def _main(self, subscribers: list[Subscriber]) -> int:
-        timeout = self.args.timeout
         async with self.engine.session(subscribers=subscribers) as session:
-            try:
-                # The deadline covers the goal's own code too, not only its requests.
-                with trio.fail_after(timeout if timeout is not None else math.inf):
-                    context = GoalContext(self.engine, session, _print_line)
-                    if self.goal_args is None:
-                        result = await self.goal.func(context)
-                    else:
-                        result = await self.goal.func(context, self.goal_args)
-            finally:
-                self.statistics = session.statistics()
+            code = await self._run_goal(session)
+            if self.args.watch:
+                await self._watch(session)
+        return code
+
+    async def _watch(self, session: Session) -> None:
+        """Re-run the goal in the same session after each batch of relevant file changes."""
+        try:
+            import watchfiles
+        except ImportError:
+            raise CommandError(
+                "--watch needs the watchfiles package: pip install 'rulework[watch]'", EXIT_USAGE
+            ) from None
+        root = self.engine.root
+        session.collect_garbage()
+        stop = trio.Event()  # stops watchfiles' thread at its next step when we leave
+        watching = False
+        try:
+            # With yield_on_timeout, the first (empty) batch says the watcher is in place.
+            async for changes in watchfiles.awatch(
+                root,
+                stop_event=stop,
+                debounce=1600,
+                step=100,
+                rust_timeout=300,
+                yield_on_timeout=True,
+            ):
+                if not watching:
+                    watching = True
+                    _print_line(f"watching {root} for changes (Ctrl-C to stop)")
+                if not changes:
+                    continue
+                changed = sorted({relative_path(path, root) for _, path in changes})
+                # Files nothing read (e.g. the goal's own outputs) dirty nothing: no re-run.
+                if not session.invalidate_paths(changed):
+                    continue
+                before = session.statistics().nodes_rerun
+                shown = ", ".join(changed[:3]) + (
+                    f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+                )
+                _print_line(f"changed: {shown}")
+                try:
+                    code = await self._run_goal(session)
+                except Exception as exc:  # reported; watching goes on
+                    _error(self._describe_failure(exc))
+                    code = EXIT_FAILURE
+                reran = session.statistics().nodes_rerun - before
+                session.collect_garbage()
+                _print_line(
+                    f"re-ran {reran} node{'s' if reran != 1 else ''}; goal "
+                    f"{'succeeded' if code == EXIT_OK else f'failed (exit {code})'}; watching"
+                )
+        finally:
+            stop.set()
+
+    async def _run_goal(self, session: Session) -> int:
+        timeout = self.args.timeout
+        try:
+            # The deadline covers the goal's own code too, not only its requests.
+            with trio.fail_after(timeout if timeout is not None else math.inf):
+                context = GoalContext(self.engine, session, _print_line)
+                if self.goal_args is None:
+                    result = await self.goal.func(context)
+                else:
+                    result = await self.goal.func(context, self.goal_args)
+        finally:
+            self.statistics = session.statistics()
         if result is None:
             return EXIT_OK
         if isinstance(result, bool) or not isinstance(result, int):

@@ -657,3 +657,99 @@ def test_no_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: rulework" in err
     code, out, _ = cli(capsys, "--version")
     assert code == EXIT_OK and out.startswith("rulework ")
+
+
+WATCHED = """\
+from dataclasses import dataclass
+
+from rulework import Digest, DigestContents, Get, PathGlobs, QueryRule, Snapshot, collect_rules, rule
+from rulework.goals import GoalContext, goal
+
+
+@dataclass(frozen=True)
+class Notes:
+    glob: str
+
+
+@dataclass(frozen=True)
+class Words:
+    count: int
+
+
+@rule
+async def count_words(notes: Notes) -> Words:
+    snapshot = await Get(Snapshot, PathGlobs([notes.glob]))
+    contents = await Get(DigestContents, Digest, snapshot.digest)
+    return Words(sum(len(fc.content.split()) for fc in contents))
+
+
+def rules():
+    return [*collect_rules(), QueryRule(Words, (Notes,))]
+
+
+@goal
+async def words(ctx: GoalContext) -> int:
+    result = await ctx.session.get(Words, Notes("notes/*.txt"))
+    ctx.print(f"words: {result.count}")
+    return 0
+"""
+
+
+def test_watch_reruns_the_goal_when_an_input_changes_and_stops_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    workspace = tmp_path / "ws"  # the cache lives outside the watched tree
+    write(workspace, "wf.py", WATCHED)
+    write(workspace, "notes/a.txt", "one two three\n")
+    env = {**os.environ, "RULEWORK_CACHE_DIR": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rulework.cli", "run", "--progress", "none", "--watch", "wf.py"],
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    seen = threading.Condition()
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            with seen:
+                lines.append(line.rstrip("\n"))
+                seen.notify_all()
+
+    def wait_for(text: str, timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        with seen:
+            while not any(text in line for line in lines):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                seen.wait(left)
+        return True
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert wait_for("words: 3"), lines
+        assert wait_for("watching"), lines
+        (workspace / "notes" / "b.txt").write_text("four five\n")
+        assert wait_for("re-ran"), lines
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    reader.join(timeout=10)
+    runs = [line for line in lines if line.startswith("words:")]
+    assert runs[:2] == ["words: 3", "words: 5"]
+    assert "changed: notes/b.txt" in lines, lines

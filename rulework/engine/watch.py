@@ -91,18 +91,27 @@ async def watch(
     # (cancellation, Ctrl-C) leaves no thread behind for longer than `step_ms`.
     stop = trio.Event()
     try:
+        # With yield_on_timeout, the first (empty) batch says the watcher is in place.
         watcher = watchfiles.awatch(
-            root, debounce=debounce_ms, step=step_ms, stop_event=stop, rust_timeout=step_ms * 4
+            root,
+            debounce=debounce_ms,
+            step=step_ms,
+            stop_event=stop,
+            rust_timeout=max(step_ms * 4, 200),
+            yield_on_timeout=True,
         )
-        if ready is not None:
-            ready.set()
         async for changes in watcher:
-            changed = tuple(sorted({_relative(path, root) for _, path in changes}))
+            if ready is not None and not ready.is_set():
+                ready.set()
+            if not changes:
+                continue
+            changed = tuple(sorted({relative_path(path, root) for _, path in changes}))
             dirtied = session.invalidate_paths(changed)
             await run(changed, dirtied)
     finally:
         stop.set()
 
 
-def _relative(path: str, root: Path) -> str:
+def relative_path(path: str, root: Path) -> str:
+    """A watched path as `invalidate_paths` expects it: relative to the root, with `/`."""
     return os.path.relpath(path, root).replace(os.sep, "/")
