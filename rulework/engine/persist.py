@@ -25,38 +25,53 @@ The key of a persisted node (DESIGN.md, "Caching"):
   and everything below it (a Merkle hash over the condensation), so thousands of nodes share
   the work. Intrinsics count by name and rulework version; the union-membership rule also by
   the membership itself. Each reachable rule's `version` counts too.
+- A rule that can run a Process also has the session's process environment in its key (the
+  default environment's name and the settings of every configured environment): the same
+  request run elsewhere is not served from a result computed here.
 - A rule whose code (or a reachable rule's code) reads a value that cannot be fingerprinted is
   not persisted (`PersistWarning`, once per rule and reason): it runs every time, and `explain`
-  shows the reason. A node whose *param* cannot be fingerprinted is likewise not persisted.
+  shows the reason. So is a rule that reaches an intrinsic reading the workspace (`PathGlobs`
+  -> `Snapshot`): file contents are not in the key. Such a rule should take the `Snapshot` (or
+  `Digest`) as a param instead; content-addressed params are. A node whose *param* cannot be
+  fingerprinted is not persisted either.
 - Values are stored as the canonical, compact JSON of the cattrs-unstructured output (a copy of
   `fingerprint.converter` configured for JSON: bytes as base85, sets as sorted lists). A value
   is only stored if it survives the round trip exactly (same types all the way down). Digests
   inside the value (a `Snapshot`, a directory `Digest`, a `FileEntry`...) are recorded with the
   entry, so a result whose blobs are gone is a miss. Errors are never stored.
 - Beside each entry, `explain` records: the key's parts under (rule id, param fingerprints),
-  the latest parts of each rule under its rule id alone (first write per session), and the
-  per-rule code digests of the reachable rules under (rule id, code digest).
+  the latest parts of each rule under its rule id alone (first write per session), the code
+  digests of the reachable rules under (rule id, code digest), and the parts of each rule's
+  code digest under (rule, digest) -- the last two only when absent.
+
+Known limits: code reached only dynamically (`getattr(module, name)`) is not read (see
+`codehash`); a rule with a side effect outside the engine is the user's to not persist.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import datetime
 import enum
 import json
 import logging
+import types
 import typing
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
+import blake3
 import cattrs
 import cattrs.preconf.json
 
-from .codehash import CODE_SCHEMA, CodeHasher, UncacheableCodeError, _digest, _rulework_version
+from .codehash import CODE_SCHEMA, CodeHasher, UncacheableCodeError, hash_parts, rulework_version
 from .errors import CacheError, MissingDigestError, RuleDefinitionError, StoreError
 from .fingerprint import FingerprintError, converter, fingerprint
 from .fs import Digest, FileEntry, Snapshot
@@ -65,6 +80,7 @@ from .process import FrozenDict
 from .scheduler import Session
 
 if TYPE_CHECKING:
+    from .cache import CacheLayer
     from .config import Config
     from .engine import Engine
     from .graph import RuleGraph
@@ -87,6 +103,9 @@ logger = logging.getLogger(__name__)
 
 #: Bumped whenever the key's composition or the stored value's format changes.
 KEY_SCHEMA: Final = f"rulework.persist.v1/{CODE_SCHEMA}"
+
+# The name of the key part that stands for the process environment.
+_ENVIRONMENT_PART: Final = "<process environment>"
 
 # Side entries for `explain`. Their keys leave out the salt and the code on purpose: a changed
 # salt or code must still find the previous record to explain itself.
@@ -117,18 +136,26 @@ def persisted_key(
     code: str,
     version: str | None,
     params: Sequence[tuple[type, object]],
+    environment: str | None = None,
 ) -> str:
     """The cache key of a persisted node (hex BLAKE3); see the module docstring.
 
     `code` is the code digest of the rule and the rules it reaches; `params` the consumed
-    params as (param type, value). Raises `FingerprintError` if a param cannot be fingerprinted.
+    params as (param type, value); `environment` the process-environment digest, for a rule
+    that can run processes. Raises `FingerprintError` if a param cannot be fingerprinted.
     """
-    prefix = _key_prefix(salt, rule_id, code, version)
-    return _node_key(prefix, [(_type_name(t), fingerprint(v)) for t, v in params])
+    names = [_type_name(t) for t, _ in params]
+    fps = [fingerprint(v) for _, v in params]
+    if environment is not None:
+        if len(environment) != 64:
+            raise ValueError(f"environment must be a 64-digit hex digest, got {environment!r}")
+        names.append(_ENVIRONMENT_PART)
+        fps.append(environment)
+    return _KeyMaker(_key_prefix(salt, rule_id, code, version), names).key(fps)
 
 
 def _key_prefix(salt: str, rule_id: str, code: str, version: str | None) -> str:
-    return _digest(
+    return hash_parts(
         "rulework persisted rule",
         KEY_SCHEMA,
         salt,
@@ -138,8 +165,33 @@ def _key_prefix(salt: str, rule_id: str, code: str, version: str | None) -> str:
     )
 
 
-def _node_key(prefix: str, params: Sequence[tuple[str, str]]) -> str:
-    return _digest(prefix, *(f"{name}\x00{fp}" for name, fp in params))
+def _length_prefixed(text: str) -> bytes:
+    data = text.encode("utf-8", "surrogatepass")
+    return len(data).to_bytes(8, "big") + data
+
+
+class _KeyMaker:
+    """Node keys of one rule: `hash_parts(prefix, *(f"{param type}\\0{fingerprint}" ...))`, with
+    everything but the fingerprints precomputed (the hot path of every cache hit)."""
+
+    __slots__ = ("_heads", "_prefix")
+
+    def __init__(self, prefix: str, names: Sequence[str]) -> None:
+        self._prefix = _length_prefixed(prefix)
+        # Each param part is f"{name}\0{fp}" with a 64-digit fp: its length is known.
+        self._heads = tuple(
+            (len(n.encode("utf-8", "surrogatepass")) + 1 + 64).to_bytes(8, "big")
+            + n.encode("utf-8", "surrogatepass")
+            + b"\x00"
+            for n in names
+        )
+
+    def key(self, fps: Sequence[str]) -> str:
+        material = [self._prefix]
+        for head, fp in zip(self._heads, fps, strict=True):
+            material.append(head)
+            material.append(fp.encode("ascii"))
+        return blake3.blake3(b"".join(material)).hexdigest()
 
 
 def _type_name(tp: type) -> str:
@@ -210,19 +262,79 @@ def _same_value(restored: object, value: object) -> bool:
 
 
 def _output_problem(info: RuleInfo, conv: cattrs.Converter) -> str | None:
-    tp = info.output_type
+    """Why a persisted rule's output type cannot be stored, or None if it can."""
+    problem = _storage_problem(info.output_type, conv, _type_name(info.output_type), set())
+    if problem is None:
+        return None
+    return (
+        f"Rule `{info.name}` ({info.location()}) is declared with persist=True, but its "
+        f"output type `{_type_name(info.output_type)}` cannot be stored in the cache: {problem}. "
+        "Make the output a frozen dataclass (or attrs class) whose fields are primitives, "
+        "tuples, frozensets, enums, Digests or other such classes; or register structure and "
+        "unstructure hooks for the type on rulework.engine.fingerprint.converter; or drop "
+        "persist=True."
+    )
+
+
+_PRIMITIVES: Final = (str, int, float, bool, bytes, type(None))
+_CONTAINERS: Final = frozenset(
+    {tuple, frozenset, set, list, dict, FrozenDict}
+    | {
+        getattr(collections.abc, name)
+        for name in ("Sequence", "Set", "Mapping", "Collection", "Iterable")
+    }
+)
+
+
+def _storage_problem(tp: Any, conv: cattrs.Converter, where: str, seen: set[int]) -> str | None:
+    """Why values of `tp` cannot go through the converter (`where` names it), or None.
+
+    Checked by walking the type: cattrs generates (and compiles) a hook per class, which for
+    thousands of persisted rules is seconds at every Engine build; hooks are made on first use
+    instead. Types this walk does not know are asked to cattrs itself.
+    """
+    if id(tp) in seen or tp in _PRIMITIVES or tp is typing.Any:
+        return None
+    seen.add(id(tp))
+    if isinstance(tp, type):
+        if issubclass(tp, enum.Enum | PurePath | datetime.date) or tp is FrozenDict:
+            return None
+        if dataclasses.is_dataclass(tp) or attrs.has(tp):
+            try:
+                hints = typing.get_type_hints(tp)
+            except Exception as exc:  # an annotation naming something undefined
+                return f"the annotations of `{_type_name(tp)}` cannot be resolved ({exc})"
+            names = (
+                [f.name for f in dataclasses.fields(tp)]
+                if dataclasses.is_dataclass(tp)
+                else [a.name for a in attrs.fields(tp)]
+            )
+            for name in names:
+                problem = _storage_problem(
+                    hints.get(name, typing.Any), conv, f"{_type_name(tp)}.{name}", seen
+                )
+                if problem is not None:
+                    return problem
+            return None
+    else:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is typing.Literal:
+            return None
+        if origin in _CONTAINERS:
+            for arg in args:
+                if arg is not Ellipsis:
+                    problem = _storage_problem(arg, conv, where, seen)
+                    if problem is not None:
+                        return problem
+            return None
+        if origin in (typing.Union, types.UnionType) and all(a in _PRIMITIVES for a in args):
+            return None
     try:
         conv.get_unstructure_hook(tp)
         conv.get_structure_hook(tp)
     except Exception as exc:
-        return (
-            f"Rule `{info.name}` ({info.location()}) is declared with persist=True, but its "
-            f"output type `{_type_name(tp)}` cannot be stored in the cache: {exc}. Make the "
-            "output a frozen dataclass (or attrs class) whose fields are primitives, tuples, "
-            "frozensets, enums, Digests or other such classes; or register structure and "
-            "unstructure hooks for the type on rulework.engine.fingerprint.converter; or drop "
-            "persist=True."
-        )
+        return f"`{where}` has the type `{tp!r}`, which cattrs cannot convert ({exc})"
     return None
 
 
@@ -245,9 +357,8 @@ def _may_hold_digests(tp: Any, seen: set[int] | None = None) -> bool:
             except Exception:
                 return True
             return any(_may_hold_digests(h, seen) for h in hints.values())
-        if typing.get_args(tp) == () and issubclass(tp, str | bytes | int | float):
-            return False
-        return True  # a type with user hooks: cannot tell
+        # A subclass of a primitive holds none; another type (with user hooks): cannot tell.
+        return not issubclass(tp, str | bytes | int | float)
     args = typing.get_args(tp)
     if not args:
         return True  # Any, bare generics...
@@ -294,7 +405,7 @@ class RuleCode:
 
     @property
     def combined(self) -> str:
-        return _digest(
+        return hash_parts(
             "rule code", self.rule, self.digest, "-" if self.version is None else f"v{self.version}"
         )
 
@@ -329,13 +440,23 @@ class _GraphCode:
 
         self._hasher = CodeHasher()
         self._intrinsics = {id(rule_info(r)) for r in intrinsics.rules()}
+        self._process_rules = {
+            id(rule_info(r)) for r in (intrinsics.run_process, intrinsics.run_fallible_process)
+        }
         self._membership_rule = graph.union_membership_rule
         self._membership = graph.union_membership
         self._rules: dict[int, RuleCode | _Uncacheable] = {}
         # id(RuleNode) -> digest of everything it reaches, or why that cannot be computed.
         # Invariant: an entry exists only once every node it reaches has one.
         self._reach: dict[int, str | _Uncacheable] = {}
+        # id(RuleNode) -> whether it can reach a process execution (set with `_reach`).
+        self._processes: dict[int, bool] = {}
         self._keep: list[RuleNode] = []  # keeps ids in `_reach` unique
+
+    def reaches_processes(self, node: RuleNode) -> bool:
+        """Whether `node` can run a Process (its results then depend on the environment)."""
+        self.reachable_digest(node)
+        return self._processes[id(node)]
 
     def rule_code(self, info: RuleInfo) -> RuleCode:
         found = self._rules.get(id(info))
@@ -347,17 +468,24 @@ class _GraphCode:
 
     def _compute_rule_code(self, info: RuleInfo) -> RuleCode | _Uncacheable:
         name = info.name
+        if getattr(info.func, "__rulework_reads_paths__", None) is not None:
+            return _Uncacheable(
+                "it reads files from the workspace, whose contents the cache key cannot see. "
+                "Read the files in a rule that is not persisted and pass their "
+                "Snapshot or Digest to the persisted rule as a param (content-addressed inputs "
+                "are part of the key)"
+            )
         if info is self._membership_rule:
             members = sorted(
                 f"{_type_name(base)}: {', '.join(sorted(_type_name(m) for m in ms))}"
                 for base, ms in self._membership.items()
             )
-            digest = _digest("union membership", name, _rulework_version(), *members)
-            return RuleCode(name, digest, info.version, {"<union members>": _digest(*members)})
+            digest = hash_parts("union membership", name, rulework_version(), *members)
+            return RuleCode(name, digest, info.version, {"<union members>": hash_parts(*members)})
         if info.builtin or id(info) in self._intrinsics:
-            version = _rulework_version()
-            digest = _digest("intrinsic", name, version)
-            return RuleCode(name, digest, info.version, {"<rulework>": _digest(version)})
+            version = rulework_version()
+            digest = hash_parts("intrinsic", name, version)
+            return RuleCode(name, digest, info.version, {"<rulework>": hash_parts(version)})
         try:
             code = self._hasher.function(info.func)
             output = self._hasher.value(info.output_type, f"the output type of `{name}`")
@@ -370,7 +498,7 @@ class _GraphCode:
         except UncacheableCodeError as exc:
             return _Uncacheable(f"{exc}")
         parts = {**code.parts, "<output type>": output, **params}
-        digest = _digest("rule", name, code.digest, output, *sorted(params.values()))
+        digest = hash_parts("rule", name, code.digest, output, *sorted(params.values()))
         return RuleCode(name, digest, info.version, parts)
 
     def reachable_digest(self, node: RuleNode) -> str:
@@ -452,7 +580,9 @@ class _GraphCode:
         codes: set[str] = set()
         below: set[str] = set()
         problems: list[str] = []
+        processes = False
         for member in sorted(members, key=lambda m: m.rule.name):
+            processes = processes or id(member.rule) in self._process_rules
             try:
                 codes.add(self.rule_code(member.rule).combined)
             except _Uncacheable as exc:
@@ -461,6 +591,7 @@ class _GraphCode:
                 if id(child) in inside:
                     continue
                 found = self._reach[id(child)]
+                processes = processes or self._processes[id(child)]
                 if isinstance(found, _Uncacheable):
                     problems.append(found.reason)
                 else:
@@ -469,9 +600,10 @@ class _GraphCode:
         if problems:
             result = _Uncacheable(sorted(problems)[0])
         else:
-            result = _digest("reachable code", *sorted(codes), *sorted(below))
+            result = hash_parts("reachable code", *sorted(codes), *sorted(below))
         for member in members:
             self._reach[id(member)] = result
+            self._processes[id(member)] = processes
             self._keep.append(member)
 
 
@@ -484,11 +616,41 @@ class _EngineState:
 
     def __init__(self, salt: str, code: _GraphCode, conv: cattrs.Converter) -> None:
         self.salt = salt
-        self.salt_digest = _digest("salt", salt)
+        self.salt_digest = hash_parts("salt", salt)
         self.code = code
         self.converter = conv
         #: Persisted rules that are not persisted, by name, with the reason.
         self.uncacheable: dict[str, str] = {}
+        # Per-rule code records known to be in the cache (each is written at most once).
+        self._rule_codes_written: set[tuple[str, str]] = set()
+        # Default environment name -> digest of what decides where processes run.
+        self._environments: dict[str, str] = {}
+
+    def environment(self, services: Services) -> tuple[str, str]:
+        """The session's default environment and the digest of the environments' settings
+        (a Process may name any of them): the key part of rules that can run processes.
+
+        Raises:
+            FingerprintError: an executor's settings cannot be fingerprinted.
+        """
+        name = services.processes.default_environment
+        digest = self._environments.get(name)
+        if digest is None:
+            digest = hash_parts(
+                "process environments", name, fingerprint(services.config.environments)
+            )
+            self._environments[name] = digest
+        return name, digest
+
+    async def write_rule_code(self, cache: CacheLayer, code: RuleCode) -> None:
+        """Record which parts make up a rule's code digest, if not recorded yet."""
+        marker = (code.rule, code.digest)
+        if marker in self._rule_codes_written:
+            return
+        key = _rule_code_key(code.rule, code.digest)
+        if await cache.get_action(key) is None:
+            await cache.put_action(key, _encode_json({"parts": dict(code.parts)}))
+        self._rule_codes_written.add(marker)
 
 
 # Per compiled graph (one per Engine): how `explain` finds what the Engine decided.
@@ -507,27 +669,55 @@ class _PersistedRule:
         self.rule_id = info.name
         self.code = code
         self.version = info.version
-        self._prefix = _key_prefix(state.salt, info.name, code, info.version)
         self._param_names = tuple(_type_name(t) for t in compiled.params)
+        # A rule that can run processes computes what the environment they run in computes.
+        self._uses_environment = state.code.reaches_processes(compiled.rule_node)
+        self._keys = _KeyMaker(
+            _key_prefix(state.salt, info.name, code, info.version),
+            self._param_names + ((_ENVIRONMENT_PART,) if self._uses_environment else ()),
+        )
         self._output_type = info.output_type
-        conv = state.converter
-        self._structure = conv.get_structure_hook(info.output_type)
-        self._unstructure = conv.get_unstructure_hook(info.output_type)
+        # The converter's hooks for the output type, made on first use (see _storage_problem).
+        self._hooks: tuple[Callable[[Any, Any], Any], Callable[[Any], Any]] | None = None
         self._may_hold_digests = _may_hold_digests(info.output_type)
         # Sessions in which the rule-level side entries were written already.
         self._side_written: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._code_map: dict[str, RuleCode] | None = None
+
+    def _structure(self, data: Any, tp: Any) -> Any:
+        hooks = self._hooks or self._make_hooks()
+        return hooks[0](data, tp)
+
+    def _unstructure(self, value: Any) -> Any:
+        hooks = self._hooks or self._make_hooks()
+        return hooks[1](value)
+
+    def _make_hooks(self) -> tuple[Callable[[Any, Any], Any], Callable[[Any], Any]]:
+        conv = self._state.converter
+        hooks = (
+            conv.get_structure_hook(self._output_type),
+            conv.get_unstructure_hook(self._output_type),
+        )
+        self._hooks = hooks
+        return hooks
 
     # -- keys ----------------------------------------------------------------------------------
 
-    def _fingerprints(self, node: Node) -> list[tuple[str, str]] | None:
+    def _key_parts(
+        self, node: Node, services: Services
+    ) -> tuple[list[str], tuple[str, str] | None] | None:
+        """The fingerprints of the node's params, plus the process environment's digest for a
+        rule that can run processes; and the environment's name. None (after a warning) if a
+        part cannot be fingerprinted: the node is then not persisted."""
         try:
-            return [
-                (name, fingerprint(value))
-                for name, value in zip(self._param_names, node.values, strict=True)
-            ]
+            fps = [fingerprint(value) for value in node.values]
+            environment = None
+            if self._uses_environment:
+                environment = self._state.environment(services)
+                fps.append(environment[1])
         except FingerprintError as exc:
             message = (
-                f"A node of rule `{self.rule_id}` is not persisted: its param cannot be "
+                f"A node of rule `{self.rule_id}` is not persisted: a part of its key cannot be "
                 f"fingerprinted ({exc})"
             )
             _warn_once(self.rule_id, message)
@@ -535,17 +725,23 @@ class _PersistedRule:
             if recorder is not None:
                 recorder.uncacheable(node, message)
             return None
+        return fps, environment
+
+    def _named(self, fps: Sequence[str]) -> list[tuple[str, str]]:
+        """The params' (type name, fingerprint) pairs (without the environment part)."""
+        return list(zip(self._param_names, fps[: len(self._param_names)], strict=True))
 
     # -- PersistHook ---------------------------------------------------------------------------
 
     async def load(self, node: Node) -> tuple[Any, str] | None:
         services: Services | None = node.session.services
-        if services is None:
+        if services is None or not _has_cache(services):
             return None
-        fps = self._fingerprints(node)
-        if fps is None:
+        parts = self._key_parts(node, services)
+        if parts is None:
             return None
-        key = _node_key(self._prefix, fps)
+        fps, environment = parts
+        key = self._keys.key(fps)
         try:
             found = await services.cache.get_action(key)
         except CacheError as exc:
@@ -564,17 +760,20 @@ class _PersistedRule:
                 )
         recorder = _RECORDERS.get(node.session)
         if recorder is not None:
-            await recorder.persisted(self, node, key, fps, result, services)
+            await recorder.persisted(
+                self, node, key, self._named(fps), environment, result, services
+            )
         return result
 
     async def save(self, node: Node, value: Any) -> None:
         services: Services | None = node.session.services
-        if services is None:
+        if services is None or not _has_cache(services):
             return
-        fps = self._fingerprints(node)
-        if fps is None:
+        parts = self._key_parts(node, services)
+        if parts is None:
             return
-        key = _node_key(self._prefix, fps)
+        fps, environment = parts
+        key = self._keys.key(fps)
         data = self._encode(value)
         if data is None:
             return
@@ -589,7 +788,7 @@ class _PersistedRule:
                 f"A result of rule `{self.rule_id}` was not persisted: {exc}",
             )
             return
-        await self._write_side_entries(node, key, fps, services)
+        await self._write_side_entries(node, key, self._named(fps), environment, services)
 
     def _encode(self, value: Any) -> bytes | None:
         try:
@@ -638,7 +837,13 @@ class _PersistedRule:
 
     # -- explain records -----------------------------------------------------------------------
 
-    def record(self, node: Node, key: str, fps: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    def record(
+        self,
+        node: Node,
+        key: str,
+        fps: Sequence[tuple[str, str]],
+        environment: tuple[str, str] | None,
+    ) -> dict[str, Any]:
         """The key's parts for node `node`, as `explain` stores and compares them."""
         return {
             "schema": KEY_SCHEMA,
@@ -646,6 +851,7 @@ class _PersistedRule:
             "rule": self.rule_id,
             "code": self.code,
             "version": self.version,
+            "environment": list(environment) if environment is not None else None,
             "params": [
                 [name, fp, _short_repr(value)]
                 for (name, fp), value in zip(fps, node.values, strict=True)
@@ -653,30 +859,47 @@ class _PersistedRule:
             "key": key,
         }
 
-    def code_map(self) -> dict[str, Any]:
-        rules = self._state.code.reachable_rules(self._rule_node)
-        return {
-            name: {"digest": code.digest, "version": code.version, "parts": dict(code.parts)}
-            for name, code in sorted(rules.items())
-        }
+    def code_map(self) -> dict[str, RuleCode]:
+        """Every rule this node's rule reaches, with its code digest (computed once)."""
+        found = self._code_map
+        if found is None:
+            found = self._code_map = self._state.code.reachable_rules(self._rule_node)
+        return found
 
     async def _write_side_entries(
-        self, node: Node, key: str, fps: Sequence[tuple[str, str]], services: Services
+        self,
+        node: Node,
+        key: str,
+        fps: Sequence[tuple[str, str]],
+        environment: tuple[str, str] | None,
+        services: Services,
     ) -> None:
-        record = _encode_json(self.record(node, key, fps))
-        entries = [(_explain_key(self.rule_id, fps), record)]
-        session = node.session
-        if session not in self._side_written:
-            self._side_written.add(session)
-            entries.append((_latest_key(self.rule_id), record))
-            entries.append(
-                (_code_map_key(self.rule_id, self.code), _encode_json({"rules": self.code_map()}))
-            )
+        record = _encode_json(self.record(node, key, fps, environment))
+        cache = services.cache
         try:
-            for side_key, side_value in entries:
-                await services.cache.put_action(side_key, side_value)
+            await cache.put_action(_explain_key(self.rule_id, fps), record)
+            session = node.session
+            if session in self._side_written:
+                return
+            self._side_written.add(session)
+            await cache.put_action(_latest_key(self.rule_id), record)
+            # The per-rule digests, for "code of rule X changed": content-addressed, so
+            # written only when absent (a graph reaching thousands of rules writes them once).
+            rules = self.code_map()
+            map_key = _code_map_key(self.rule_id, self.code)
+            if await cache.get_action(map_key) is None:
+                listing = {name: [code.digest, code.version] for name, code in rules.items()}
+                for code in rules.values():
+                    await self._state.write_rule_code(cache, code)
+                await cache.put_action(map_key, _encode_json({"rules": listing}))
         except CacheError as exc:
             logger.warning("Could not record the key of %s for `explain`: %s", self.rule_id, exc)
+
+
+def _has_cache(services: Services) -> bool:
+    """Whether any cache is configured (`[cache] local = "none"` and no remote: nothing to do)."""
+    cache = services.cache
+    return cache.local is not None or cache.remote is not None
 
 
 def _encode_json(value: Any) -> bytes:
@@ -684,15 +907,19 @@ def _encode_json(value: Any) -> bytes:
 
 
 def _explain_key(rule_id: str, fps: Sequence[tuple[str, str]]) -> str:
-    return _digest(_EXPLAIN_SCHEMA, "params", rule_id, *(f"{n}\x00{f}" for n, f in fps))
+    return hash_parts(_EXPLAIN_SCHEMA, "params", rule_id, *(f"{n}\x00{f}" for n, f in fps))
 
 
 def _latest_key(rule_id: str) -> str:
-    return _digest(_EXPLAIN_SCHEMA, "latest", rule_id)
+    return hash_parts(_EXPLAIN_SCHEMA, "latest", rule_id)
 
 
 def _code_map_key(rule_id: str, code: str) -> str:
-    return _digest(_EXPLAIN_SCHEMA, "code map", rule_id, code)
+    return hash_parts(_EXPLAIN_SCHEMA, "code map", rule_id, code)
+
+
+def _rule_code_key(rule_id: str, digest: str) -> str:
+    return hash_parts(_EXPLAIN_SCHEMA, "rule code", rule_id, digest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,6 +973,7 @@ ChangeKind = Literal[
     "schema",
     "salt",
     "version",
+    "environment",
     "code",
     "rule_version",
     "rule_added",
@@ -785,6 +1013,13 @@ class KeyChange:
             return "the cache salt changed (`[cache] salt` in the config)"
         if kind == "version":
             return f"version changed ({self.old!r} -> {self.new!r})"
+        if kind == "environment":
+            what = (
+                f"{self.old} -> {self.new}"
+                if self.old != self.new
+                else f"{self.new}: {self.detail}"
+            )
+            return f"the process environment changed ({what}); this rule can run processes"
         if kind == "code":
             suffix = f" ({self.detail})" if self.detail else ""
             return f"code of rule `{self.subject}` changed{suffix}"
@@ -800,8 +1035,8 @@ class KeyChange:
             return f"param {self.subject} changed ({self.old} -> {self.new})"
         if kind == "no_record_for_params":
             return (
-                "no previous run recorded with these params; compared with the latest recorded "
-                "run of this rule:"
+                "no run recorded with these params; compared with the latest recorded run of "
+                "this rule:"
             )
         if kind == "no_previous_run":
             return "no previous run recorded"
@@ -860,29 +1095,23 @@ class ExplainReport:
         if not self.nodes:
             lines.append("  no persisted node was visited (no rule with persist=True ran)")
         for node in self.nodes:
-            if node.outcome == "hit":
-                head = f"  hit ({node.source})"
-            else:
-                head = f"  {node.outcome}"
+            head = f"  hit ({node.source})" if node.outcome == "hit" else f"  {node.outcome}"
             lines.append(f"{head:<22} {node.description}")
             if node.reason:
                 lines.append(f"{'':<25}- {node.reason}")
+            indent = 25
             for change in node.changes:
-                indent = 27 if change.kind == "param" and _follows_latest(node, change) else 25
                 lines.append(f"{'':<{indent}}- {change.describe()}")
+                if change.kind == "no_record_for_params":
+                    indent = 27  # what follows compares with another run: nest it
         total = len(self.nodes)
         lines.append(
-            f"{total} persisted node{'s' if total != 1 else ''}: {self.hits} hit, "
+            f"{total} persisted node{'s' if total != 1 else ''}: "
+            f"{self.hits} hit{'s' if self.hits != 1 else ''}, "
             f"{self.misses} miss{'es' if self.misses != 1 else ''}, "
             f"{self.uncacheable} uncacheable"
         )
         return "\n".join(lines)
-
-
-def _follows_latest(node: NodeExplanation, change: KeyChange) -> bool:
-    return any(c.kind == "no_record_for_params" for c in node.changes) and change.kind != (
-        "no_record_for_params"
-    )
 
 
 class _Recorder:
@@ -913,6 +1142,7 @@ class _Recorder:
         node: Node,
         key: str,
         fps: Sequence[tuple[str, str]],
+        environment: tuple[str, str] | None,
         result: tuple[Any, str] | None,
         services: Services,
     ) -> None:
@@ -922,7 +1152,7 @@ class _Recorder:
                 node.node_id, hook.rule_id, description, "hit", source=result[1], key=key
             )
             return
-        current = hook.record(node, key, fps)
+        current = hook.record(node, key, fps, environment)
         changes: list[KeyChange] = []
         previous = await _read_json(services, _explain_key(hook.rule_id, fps))
         if previous is None:
@@ -965,8 +1195,18 @@ async def _differences(
         changes.append(KeyChange("salt"))
     if previous.get("version") != current["version"]:
         changes.append(
+            KeyChange("version", hook.rule_id, old=previous.get("version"), new=current["version"])
+        )
+    old_environment, new_environment = previous.get("environment"), current["environment"]
+    if old_environment != new_environment:
+        old_name = old_environment[0] if isinstance(old_environment, list) else None
+        new_name = new_environment[0] if new_environment is not None else None
+        changes.append(
             KeyChange(
-                "version", hook.rule_id, old=previous.get("version"), new=current["version"]
+                "environment",
+                old=str(old_name),
+                new=str(new_name),
+                detail="its settings changed" if old_name == new_name else None,
             )
         )
     if previous.get("code") != current["code"]:
@@ -1032,29 +1272,42 @@ async def _code_changes(
         old, new = old_map.get(name), new_map.get(name)
         if old is None:
             changes.append(KeyChange("rule_added", name))
-        elif new is None:
+            continue
+        if new is None:
             changes.append(KeyChange("rule_removed", name))
-        else:
-            if old.get("digest") != new["digest"]:
-                old_parts = old.get("parts") or {}
-                new_parts = new["parts"]
-                changed = sorted(
-                    p
-                    for p in set(old_parts) | set(new_parts)
-                    if old_parts.get(p) != new_parts.get(p)
+            continue
+        if not (isinstance(old, list) and len(old) == 2):
+            continue
+        old_digest, old_version = old
+        if old_digest != new.digest:
+            changes.append(
+                KeyChange(
+                    "code", name, detail=await _changed_parts(services, name, old_digest, new)
                 )
-                detail = ", ".join(_part_label(p) for p in changed) or None
-                changes.append(KeyChange("code", name, detail=detail))
-            if old.get("version") != new["version"]:
-                if name == hook.rule_id:
-                    own_version_changed = True
-                else:
-                    changes.append(
-                        KeyChange("rule_version", name, old=old.get("version"), new=new["version"])
-                    )
+            )
+        if old_version != new.version:
+            if name == hook.rule_id:
+                own_version_changed = True
+            else:
+                changes.append(KeyChange("rule_version", name, old=old_version, new=new.version))
     if not changes and not own_version_changed:
         changes.append(KeyChange("graph"))
     return changes
+
+
+async def _changed_parts(
+    services: Services, rule: str, old_digest: object, new: RuleCode
+) -> str | None:
+    """Which parts of a rule's code changed ("its body, `LIMIT`"), if the old ones are known."""
+    entry = await _read_json(services, _rule_code_key(rule, str(old_digest)))
+    old_parts = entry.get("parts") if entry is not None else None
+    if not isinstance(old_parts, dict):
+        return None
+    new_parts = new.parts
+    changed = sorted(
+        p for p in set(old_parts) | set(new_parts) if old_parts.get(p) != new_parts.get(p)
+    )
+    return ", ".join(_part_label(p) for p in changed) or None
 
 
 def _state_of(session: Session) -> _EngineState | None:
@@ -1101,12 +1354,16 @@ async def _explain_in(
     recorder = _Recorder(_state_of(session))
     _RECORDERS[session] = recorder
     unsubscribe = session.subscribe(recorder.on_workunit)
+    args = ", ".join(_short_repr(p, 80) for p in params)
+    request = f"{getattr(output_type, '__qualname__', output_type)} from ({args})"
     try:
         await session.get(output_type, *params)
+    except Exception as exc:
+        # What was explained before the failure still helps: attach it to the error.
+        partial = ExplainReport(request, tuple(recorder.nodes[k] for k in sorted(recorder.nodes)))
+        exc.add_note(f"Before the request failed, {partial.render()}")
+        raise
     finally:
         unsubscribe()
         del _RECORDERS[session]
-    args = ", ".join(_short_repr(p, 80) for p in params)
-    request = f"{getattr(output_type, '__qualname__', output_type)} from ({args})"
-    nodes = tuple(recorder.nodes[k] for k in sorted(recorder.nodes))
-    return ExplainReport(request, nodes)
+    return ExplainReport(request, tuple(recorder.nodes[k] for k in sorted(recorder.nodes)))
