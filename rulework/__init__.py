@@ -47,6 +47,9 @@ from .engine.fs import PathGlobs as PathGlobs
 from .engine.fs import RemovePrefix as RemovePrefix
 from .engine.fs import Snapshot as Snapshot
 from .engine.graph import RuleGraph as RuleGraph
+from .engine.persist import ExplainReport as ExplainReport
+from .engine.persist import PersistWarning as PersistWarning
+from .engine.persist import explain as explain
 from .engine.graph import RuleGraphWarning as RuleGraphWarning
 from .engine.process import FallibleProcessResult as FallibleProcessResult
 from .engine.process import FrozenDict as FrozenDict
@@ -94,6 +97,7 @@ __all__ = [
     "Directory",
     "Engine",
     "ExecutorError",
+    "ExplainReport",
     "FallibleProcessResult",
     "FileContent",
     "FileEntry",
@@ -108,6 +112,7 @@ __all__ = [
     "MultiGet",
     "NoSuchQueryError",
     "PathGlobs",
+    "PersistWarning",
     "Process",
     "ProcessCacheScope",
     "ProcessExecutionFailure",
@@ -134,6 +139,7 @@ __all__ = [
     "WatchResult",
     "Workunit",
     "collect_rules",
+    "explain",
     "fingerprint",
     "load_config",
     "rule",

@@ -7,6 +7,9 @@ import rulework
 PUBLIC = {
     "EMPTY_DIGEST",
     "AddPrefix",
+    "ExplainReport",
+    "PersistWarning",
+    "explain",
     "AsyncioSession",
     "CacheBackendError",
     "CacheError",

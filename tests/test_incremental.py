@@ -157,12 +157,15 @@ async def test_garbage_collection_forgets_nodes_no_longer_used(tmp_path: Path) -
     e = engine(tmp_path)
     async with e.session() as s:
         await s.get(Report, Project(paths))
+        assert s.collect_garbage() == 0  # everything was used by the request since
         await s.get(Report, Project(paths[:2]))
-        collected = s.collect_garbage()
-        assert collected > 0
+        # Only the first 2 files' nodes were used since: the other 8 files' are forgotten.
+        assert s.collect_garbage() > 8 * 3
         runs.clear()
         await s.get(Report, Project(paths[:2]))
-        assert runs == {}  # what the last roots use was kept
+        assert runs == {}  # what the last request used was kept
+        await s.get(Report, Project(paths[2:4]))
+        assert runs["count_lines"] == 2  # forgotten nodes are computed again
 
 
 async def test_watch_reruns_once_for_a_burst_of_changes(tmp_path: Path) -> None:

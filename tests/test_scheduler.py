@@ -524,3 +524,25 @@ async def test_end_events_keep_their_parent() -> None:
         by_kind[ev.kind][ev.node_id] = ev.parent_id  # type: ignore[attr-defined]
     assert by_kind["start"] == by_kind["end"]
     assert sorted(by_kind["end"].values(), key=str)[-1] is None  # the root has no parent
+
+
+def test_a_chain_of_2000_rules_compiles_and_runs() -> None:
+    from rulework.engine.rules import RuleInfo
+
+    links = [type(f"Link{i}", (), {"__slots__": ("n",)}) for i in range(2000)]
+
+    def make(i: int) -> RuleInfo:
+        async def body(previous: object) -> object:
+            value = links[i]()
+            value.n = previous.n + 1  # type: ignore[attr-defined]
+            return value
+
+        return RuleInfo.create(
+            body, output_type=links[i], parameter_types=[links[i - 1]], name=f"chain.link{i}"
+        )
+
+    rules = [make(i) for i in range(1, len(links))]
+    first = links[0]()
+    first.n = 0  # type: ignore[attr-defined]
+    e = engine(*rules, QueryRule(links[-1], (links[0],)))
+    assert e.run(links[-1], first).n == 1999  # type: ignore[attr-defined]

@@ -135,15 +135,18 @@ class CompiledGraph:
     def __init__(self, graph: RuleGraph) -> None:
         self.graph = graph
         self._by_node: dict[RuleNode, Compiled] = {}
-        for node in graph.nodes():
-            self._compiled(node)
+        nodes = graph.nodes()
+        # Two passes (no recursion, so chains of thousands of Gets compile): every node first,
+        # then the edges, whose targets then all exist.
+        for node in nodes:
+            self._by_node[node] = self._compiled(node)
+        for node in nodes:
+            self._connect(self._by_node[node])
 
-    def _compiled(self, node: RuleNode) -> Compiled:
-        found = self._by_node.get(node)
-        if found is not None:
-            return found
+    @staticmethod
+    def _compiled(node: RuleNode) -> Compiled:
         rule = node.rule
-        compiled = Compiled(
+        return Compiled(
             rule_node=node,
             name=rule.name,
             func=rule.func,
@@ -153,8 +156,9 @@ class CompiledGraph:
             reads_paths=getattr(rule.func, "__rulework_reads_paths__", None),
             workunit_metadata=getattr(rule.func, "__rulework_workunit_metadata__", None),
         )
-        # Register before compiling edges: recursive rules point back at themselves.
-        self._by_node[node] = compiled
+
+    def _connect(self, compiled: Compiled) -> None:
+        node = compiled.rule_node
         own = compiled.params
         compiled.deps = tuple(self._edge(dep, own, ()) for dep in node.dependencies)
         if all(isinstance(dep, ParamSource) for dep in node.dependencies):
@@ -179,7 +183,6 @@ class CompiledGraph:
                 )
             else:
                 compiled.gets[key] = _GetEdge(self._edge(target, own, input_order), input_order)
-        return compiled
 
     def _edge(
         self, target: RuleNode | ParamSource, own: tuple[type, ...], inputs: tuple[type, ...]
@@ -189,7 +192,7 @@ class CompiledGraph:
         position.update({t: len(own) + i for i, t in enumerate(inputs)})
         if isinstance(target, ParamSource):
             return _Edge(None, _getter([position[target.type]]))
-        compiled = self._compiled(target)
+        compiled = self._by_node[target]
         return _Edge(compiled, _getter([position[t] for t in compiled.params]))
 
     def root(self, output_type: type, param_types: Iterable[type]) -> _Edge:
@@ -461,6 +464,10 @@ class Session:
     """A scope of memoization and execution; create it with `Engine.session()`.
 
     Each node is computed at most once per session (unless cancelled before it completed).
+    Within a session nodes are memoized by the params' Python equality and hash, as Pants
+    does: `Box(1)`, `Box(True)` and `Box(1.0)` are equal dataclasses, so they share a node.
+    Persisted results (across sessions) are keyed by type-tagged fingerprints instead, where
+    they never collide.
     """
 
     def __init__(
