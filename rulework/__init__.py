@@ -47,10 +47,10 @@ from .engine.fs import PathGlobs as PathGlobs
 from .engine.fs import RemovePrefix as RemovePrefix
 from .engine.fs import Snapshot as Snapshot
 from .engine.graph import RuleGraph as RuleGraph
+from .engine.graph import RuleGraphWarning as RuleGraphWarning
 from .engine.persist import ExplainReport as ExplainReport
 from .engine.persist import PersistWarning as PersistWarning
 from .engine.persist import explain as explain
-from .engine.graph import RuleGraphWarning as RuleGraphWarning
 from .engine.process import FallibleProcessResult as FallibleProcessResult
 from .engine.process import FrozenDict as FrozenDict
 from .engine.process import Process as Process

@@ -867,7 +867,7 @@ async def test_rules_running_processes_are_keyed_by_the_process_environment(
     assert "the process environment changed (there -> here)" in report.render()
 
 
-RICH = '''
+RICH = """
     import enum
     from dataclasses import dataclass
     from typing import Literal, Optional
@@ -912,7 +912,7 @@ RICH = '''
 
     def rules():
         return [*collect_rules(), QueryRule(Rich, (Make,))]
-'''
+"""
 
 
 async def test_rich_values_come_back_from_the_cache_exactly(modules: Modules) -> None:
