@@ -15,7 +15,7 @@ Output, one line per figure:
     cache_baseline kind=K us_per_op=U
     cache_hit backend=B us_per_hit=U
     cache_put backend=B us_per_put=U
-    cache_put_commits backend=B operations=N transactions=T on_event_loop=L
+    cache_put_commits backend=B operations=N transactions=T
 
 Backends are listed in `BACKENDS`; another backend's owner adds a `BenchBackend` there (the
 s3 backend runs as a layer's remote, with `concurrency` hits in flight).
@@ -75,7 +75,6 @@ async def _sqlite(directory: Path) -> AsyncIterator[CacheBackend]:
     try:
         yield cache
     finally:
-        _report_commits("sqlite", cache)
         await cache.aclose()
 
 
@@ -92,7 +91,6 @@ async def _sqlite_threads_only(directory: Path) -> AsyncIterator[CacheBackend]:
     try:
         yield cache
     finally:
-        _report_commits("sqlite_threads_only", cache)
         await cache.aclose()
 
 
@@ -108,18 +106,14 @@ BACKENDS: list[BenchBackend] = [
 ]
 
 
-def _report_commits(name: str, cache: SqliteCache) -> None:
-    """How the backend's writes were grouped (absent from older backends without the figure)."""
-    write_statistics = getattr(cache, "write_statistics", None)
-    if write_statistics is not None:
-        stats = write_statistics()
-        _report(
-            "cache_put_commits",
-            backend=name,
-            operations=stats.operations,
-            transactions=stats.transactions,
-            on_event_loop=stats.event_loop_transactions,
-        )
+def _write_counts(backend: CacheBackend) -> tuple[int, int] | None:
+    """(operations, transactions) a group-committing backend reports so far; None if it does
+    not (the memory backend, or a sqlite backend from before group commit)."""
+    write_statistics = getattr(backend, "write_statistics", None)
+    if write_statistics is None:
+        return None
+    stats = write_statistics()
+    return stats.operations, stats.transactions
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -376,7 +370,16 @@ async def _bench_backend(spec: BenchBackend, directory: Path, n: int) -> None:
         if spec.role == "local":
             async with open_cache_layer(backend, None) as layer:
                 entries = await _make_entries(layer, n)
+                before = _write_counts(backend)
                 put_us = await _put_all(layer, entries, spec.concurrency)
+                after = _write_counts(backend)
+                if before is not None and after is not None:
+                    _report(
+                        "cache_put_commits",
+                        backend=spec.name,
+                        operations=after[0] - before[0],
+                        transactions=after[1] - before[1],
+                    )
                 await _hit_all(layer, entries[: n // 10], spec.concurrency)  # warm up
                 hit_us = await _hit_all(layer, entries, spec.concurrency)
         else:

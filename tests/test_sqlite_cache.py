@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import blake3
 import pytest
 import trio
+import trio.testing
 
 from rulework.abc import CacheBackend
-from rulework.backends.sqlite import BLOBS_DIRNAME, DATABASE_NAME, SqliteCache, SqliteCacheConfig
+from rulework.backends.sqlite import (
+    BLOBS_DIRNAME,
+    DATABASE_NAME,
+    SqliteCache,
+    SqliteCacheConfig,
+    SqliteWriteStatistics,
+)
 from rulework.engine.errors import CacheBackendError, ConfigError
 from rulework.engine.fs import Digest
 from rulework.engine.store import FileBlobStore
@@ -229,6 +238,276 @@ async def test_a_killed_writer_leaves_no_partial_entry(tmp_path: Path) -> None:
         await cache.aclose()
 
 
+# -- group commit ----------------------------------------------------------------------------------
+
+
+class _HeldWriter:
+    """Keeps the cache's writer thread busy inside a transaction until `release()`, so that the
+    writes started meanwhile queue up, deterministically, for the next group commit."""
+
+    def __init__(self, cache: SqliteCache) -> None:
+        self.cache = cache
+        self._started = threading.Event()
+        self._release = threading.Event()
+
+    def _block(self, con: sqlite3.Connection, tx: object) -> None:
+        self._started.set()
+        self._release.wait(60)
+
+    async def hold(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.cache._run_write, "holding the writer", self._block)
+        await trio.to_thread.run_sync(self._started.wait, 60)
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def _delta(before: SqliteWriteStatistics, after: SqliteWriteStatistics) -> tuple[int, int]:
+    return (
+        after.operations - before.operations,
+        after.transactions - before.transactions,
+    )
+
+
+async def test_concurrent_writes_share_one_transaction(cache: SqliteCache) -> None:
+    blobs = dict(_blob(i, 300 + i) for i in range(10))
+    before = cache.write_statistics()
+
+    async def put(i: int) -> None:
+        await cache.put_action(f"key-{i}", b"value %d" % i)
+        # Returned only once committed: readable at once, on either read path.
+        assert await cache.get_action(f"key-{i}") == b"value %d" % i
+
+    async def write(digest: Digest, data: bytes) -> None:
+        await cache.write_blobs({digest: data})
+        assert await cache.read_blobs([digest]) == {digest: data}
+
+    held = _HeldWriter(cache)
+    async with trio.open_nursery() as nursery:
+        await held.hold(nursery)
+        for i in range(40):
+            nursery.start_soon(put, i)
+        for digest, data in blobs.items():
+            nursery.start_soon(write, digest, data)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _delta(before, cache.write_statistics()) == (0, 0)  # all waiting, none answered
+        assert await cache.get_action("key-0") is None
+        held.release()
+    after = cache.write_statistics()
+    # The held transaction, then all 50 writes together.
+    assert _delta(before, after) == (51, 2)
+    assert after.largest_batch == 50
+    assert _sql(cache, "SELECT count(*) FROM actions") == [(40,)]
+    expected = sum(len(f"key-{i}") + len(b"value %d" % i) for i in range(40))
+    assert await cache.total_bytes() == expected + sum(len(d) for d in blobs.values())
+
+
+async def test_a_cancelled_write_leaves_nothing_and_the_rest_of_its_batch_commits(
+    cache: SqliteCache,
+) -> None:
+    blobs = [_blob(i, 400 + i) for i in range(6)]
+    scopes: dict[str, trio.CancelScope] = {}
+    finished: set[str] = set()
+
+    async def run(name: str, write: Callable[[], Awaitable[None]]) -> None:
+        with trio.CancelScope() as scope:
+            scopes[name] = scope
+            await write()
+            finished.add(name)
+
+    held = _HeldWriter(cache)
+    async with trio.open_nursery() as nursery:
+        await held.hold(nursery)
+        for i in range(6):
+            nursery.start_soon(run, f"put-{i}", lambda i=i: cache.put_action(f"k{i}", b"v" * 50))
+            nursery.start_soon(run, f"blob-{i}", lambda i=i: cache.write_blobs(dict([blobs[i]])))
+        await trio.testing.wait_all_tasks_blocked()
+        # Cancelled while queued behind the held transaction: withdrawn from the batch.
+        scopes["put-2"].cancel()
+        scopes["blob-4"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        held.release()
+    assert scopes["put-2"].cancelled_caught and scopes["blob-4"].cancelled_caught
+    assert finished == {f"{kind}-{i}" for kind in ("put", "blob") for i in range(6)} - {
+        "put-2",
+        "blob-4",
+    }
+    assert await cache.get_action("k2") is None
+    assert await cache.find_missing_blobs(d for d, _ in blobs) == {blobs[4][0]}
+    for i in (0, 1, 3, 4, 5):
+        assert await cache.get_action(f"k{i}") == b"v" * 50
+    # The size accounting saw exactly what was committed.
+    expected = 5 * (2 + 50) + sum(len(data) for i, (_, data) in enumerate(blobs) if i != 4)
+    assert await cache.total_bytes() == expected
+    assert cache.write_statistics().largest_batch == 10
+
+
+async def test_a_write_cancelled_inside_a_transaction_returns_once_it_ended(
+    cache: SqliteCache,
+) -> None:
+    first, second = _HeldWriter(cache), _HeldWriter(cache)
+    seen_after_cancel: list[bytes | None] = []
+
+    async def put() -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await cache.put_action("k", b"v")
+        assert scope.cancelled_caught
+        # Settled when the cancelled call returns: its transaction committed, whole.
+        seen_after_cancel.append(await cache.get_action("k"))
+
+    scopes: list[trio.CancelScope] = []
+    async with trio.open_nursery() as nursery:
+        await first.hold(nursery)
+        nursery.start_soon(put)
+        await trio.testing.wait_all_tasks_blocked()
+        # Queued behind the put, so that both share the next transaction, held open.
+        nursery.start_soon(cache._run_write, "holding the writer", second._block)
+        await trio.testing.wait_all_tasks_blocked()
+        first.release()
+        await trio.to_thread.run_sync(second._started.wait, 60)
+        scopes[0].cancel()  # the put has run inside the open transaction
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen_after_cancel == []  # still waiting for its transaction to end
+        second.release()
+    assert seen_after_cancel == [b"v"]
+
+
+async def test_a_failing_write_fails_alone(cache: SqliteCache) -> None:
+    def broken(con: sqlite3.Connection, tx: object) -> None:
+        con.execute("INSERT INTO no_such_table VALUES (1)")
+
+    async def put(i: int) -> None:
+        await cache.put_action(f"k{i}", b"v")
+
+    async def fail() -> None:
+        with pytest.raises(CacheBackendError, match="failed while doing something broken"):
+            await cache._run_write("doing something broken", broken)
+
+    held = _HeldWriter(cache)
+    async with trio.open_nursery() as nursery:
+        await held.hold(nursery)
+        for i in range(5):
+            nursery.start_soon(put, i)
+        nursery.start_soon(fail)
+        await trio.testing.wait_all_tasks_blocked()
+        held.release()
+    for i in range(5):
+        assert await cache.get_action(f"k{i}") == b"v"
+    assert await cache.total_bytes() == 5 * (2 + 1)
+
+
+async def test_the_writer_checkpoints_the_wal_itself(cache: SqliteCache) -> None:
+    value = b"x" * 40_000  # about 10 WAL pages per put
+    for i in range(120):
+        await cache.put_action(f"k{i}", value)
+    assert cache.write_statistics().checkpoints >= 1
+    con = sqlite3.connect(cache.database_path)
+    try:
+        # SQLite's own checkpoint-in-COMMIT is off for the writer's connection.
+        assert cache._writer is not None
+        assert cache._writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        assert con.execute("SELECT count(*) FROM actions").fetchone() == (120,)
+    finally:
+        con.close()
+
+
+async def test_closing_stops_the_writer_thread(tmp_path: Path) -> None:
+    cache = SqliteCache(SqliteCacheConfig(), tmp_path)
+    await cache.put_action("k", b"v")
+    thread = cache._writer_thread
+    assert thread is not None and thread.is_alive()
+    await cache.aclose()
+    assert not thread.is_alive()
+    with pytest.raises(CacheBackendError, match="closed"):
+        await cache.put_action("k2", b"v")
+
+
+_CONCURRENT_WORKER = """
+import json, sys
+import blake3, trio
+from pathlib import Path
+from rulework.backends.sqlite import SqliteCache, SqliteCacheConfig
+from rulework.engine.fs import Digest
+
+def data(seed, size):
+    return blake3.blake3(seed.to_bytes(8, "big")).digest(length=size)
+
+async def main():
+    directory, me, tasks, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    cache = SqliteCache(SqliteCacheConfig(inline_threshold=1000), directory)
+
+    async def task(t):
+        for i in range(count):
+            n = t * count + i
+            shared = data(n, 500 if n % 2 else 5000)  # both processes write these
+            own = data(me * 1_000_000 + n, 700)
+            ds, do = Digest.of_bytes(shared), Digest.of_bytes(own)
+            await cache.write_blobs({ds: shared, do: own})
+            await cache.put_action(f"shared-{n}", ds.fingerprint.encode())
+            await cache.put_action(f"p{me}-{n}", do.fingerprint.encode())
+            assert await cache.get_action(f"p{me}-{n}") == do.fingerprint.encode()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for t in range(tasks):
+                nursery.start_soon(task, t)
+        stats = cache.write_statistics()
+        print(json.dumps({"operations": stats.operations, "transactions": stats.transactions}))
+    finally:
+        await cache.aclose()
+
+trio.run(main)
+"""
+
+
+async def test_two_processes_group_committing_share_one_cache_dir(tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    tasks, count = 8, 20
+    results: list[subprocess.CompletedProcess[bytes]] = []
+
+    async def worker(me: int) -> None:
+        argv = [sys.executable, "-c", _CONCURRENT_WORKER, str(directory), str(me)]
+        results.append(
+            await trio.run_process(
+                [*argv, str(tasks), str(count)],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker, 0)
+        nursery.start_soon(worker, 1)
+    for result in results:
+        assert result.returncode == 0, result.stderr.decode()
+        stats = json.loads(result.stdout)
+        assert stats["operations"] == tasks * count * 3
+        assert stats["transactions"] < stats["operations"]  # writes were grouped
+
+    cache = SqliteCache(SqliteCacheConfig(inline_threshold=1000), directory)
+    try:
+        expected_total = 0
+        for n in range(tasks * count):
+            shared = _data(n, 500 if n % 2 else 5000)
+            digest = Digest.of_bytes(shared)
+            assert await cache.get_action(f"shared-{n}") == digest.fingerprint.encode()
+            assert await cache.read_blobs([digest]) == {digest: shared}
+            expected_total += len(shared) + len(f"shared-{n}") + 64
+            for me in (0, 1):
+                own = _data(me * 1_000_000 + n, 700)
+                own_digest = Digest.of_bytes(own)
+                assert await cache.get_action(f"p{me}-{n}") == own_digest.fingerprint.encode()
+                assert await cache.read_blobs([own_digest]) == {own_digest: own}
+                expected_total += len(own) + len(f"p{me}-{n}") + 64
+        assert await cache.total_bytes() == expected_total
+        report = await cache.verify()
+        assert report.ok, report
+    finally:
+        await cache.aclose()
+
+
 # -- access times are batched --------------------------------------------------------------------
 
 
@@ -295,8 +574,10 @@ async def test_small_reads_take_the_event_loop_fast_path(
         assert await cache.find_missing_blobs([digest]) == frozenset()
         assert await cache.read_blobs([digest]) == {digest: data}
     assert hops == 0
+    # Writes go to the cache's own writer thread: no trio thread hop either.
     await cache.put_action("key2", b"v")
-    assert hops == 1
+    assert await cache.get_action("key2") == b"v"
+    assert hops == 0
 
 
 # -- several processes: locking ------------------------------------------------------------------

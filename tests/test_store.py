@@ -11,7 +11,7 @@ import signal
 import stat
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rulework.abc import BlobStore
+from rulework.backends.sqlite import SqliteCache, SqliteCacheConfig
 from rulework.engine.errors import InvalidPathError, MissingDigestError, StoreError
 from rulework.engine.fs import (
     EMPTY_DIGEST,
@@ -39,6 +40,7 @@ from rulework.engine.fs import (
     RemovePrefix,
 )
 from rulework.engine.store import (
+    INTRINSIC_DIGESTS,
     CorruptBlobWarning,
     DigestConflictError,
     FileBlobStore,
@@ -46,6 +48,7 @@ from rulework.engine.store import (
     Store,
     UnmatchedGlobsError,
     UnmatchedGlobsWarning,
+    is_intrinsic,
 )
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -711,10 +714,9 @@ async def test_materialize_read_only_hard_links_from_the_file_store(
     assert stat.S_IMODE(data.stat().st_mode) == 0o444
     tool = dest / "bin" / "run.sh"
     assert stat.S_IMODE(tool.stat().st_mode) == 0o555
-    assert (
-        tool.stat().st_ino
-        != file_blobs.local_path(Digest.of_bytes(tool.read_bytes())).stat().st_ino
-    )  # type: ignore[union-attr]
+    tool_blob = file_blobs.local_path(Digest.of_bytes(tool.read_bytes()))
+    assert tool_blob is not None
+    assert tool.stat().st_ino != tool_blob.stat().st_ino  # executables are copies
     assert (dest / "out").is_dir() and (dest / "data" / "empty.txt").read_bytes() == b""
     result = await trio.run_process([str(tool)], capture_stdout=True)
     assert result.stdout == b"hi\n"
@@ -739,6 +741,192 @@ async def test_materialize_missing_blob(any_store: Store, tmp_path: Path) -> Non
     await any_store.blobs.evict([Digest.of_bytes(b"input")])
     with pytest.raises(MissingDigestError, match=re.escape("data/in.txt")):
         await Store(any_store.blobs).materialize(digest, tmp_path / "sandbox")
+
+
+class CountingBlobStore:
+    """A blob store passing everything to `inner`, recording which digests were read whole
+    (`read_blobs`) and which streamed (`read_blob_to_file`). It offers `local_path` only when
+    `inner` does, as the Store discovers it by duck typing."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.read_whole: list[Digest] = []
+        self.streamed: list[Digest] = []
+        self.written: list[Digest] = []
+        if hasattr(inner, "local_path"):
+            self.local_path = inner.local_path
+
+    async def find_missing_blobs(self, digests: Iterable[Digest]) -> frozenset[Digest]:
+        return frozenset(await self.inner.find_missing_blobs(digests))
+
+    async def read_blobs(self, digests: Iterable[Digest]) -> dict[Digest, bytes]:
+        wanted = list(digests)
+        self.read_whole.extend(wanted)
+        return dict(await self.inner.read_blobs(wanted))
+
+    async def write_blobs(self, blobs: Mapping[Digest, bytes]) -> None:
+        self.written.extend(blobs)
+        await self.inner.write_blobs(blobs)
+
+    async def read_blob_to_file(self, digest: Digest, dest: Path) -> bool:
+        self.streamed.append(digest)
+        return bool(await self.inner.read_blob_to_file(digest, dest))
+
+    async def write_blob_from_file(self, digest: Digest, src: Path) -> None:
+        self.written.append(digest)
+        await self.inner.write_blob_from_file(digest, src)
+
+    async def evict(self, digests: Iterable[Digest]) -> None:
+        await self.inner.evict(digests)
+
+
+class NoLocalPath:
+    """`FileBlobStore` as a blob store that does not tell where its files are."""
+
+    def __init__(self, root: Path) -> None:
+        self._inner = FileBlobStore(root)
+        self.find_missing_blobs = self._inner.find_missing_blobs
+        self.read_blobs = self._inner.read_blobs
+        self.write_blobs = self._inner.write_blobs
+        self.read_blob_to_file = self._inner.read_blob_to_file
+        self.write_blob_from_file = self._inner.write_blob_from_file
+        self.evict = self._inner.evict
+
+    def path_of(self, digest: Digest) -> Path | None:
+        return self._inner.local_path(digest)
+
+
+@pytest.fixture
+async def sqlite_cache(tmp_path: Path) -> AsyncIterator[SqliteCache]:
+    cache = SqliteCache(SqliteCacheConfig(), tmp_path / "cache")  # inline up to 64 KiB
+    await cache.open()
+    yield cache
+    await cache.aclose()
+
+
+def _big(seed: int, size: int) -> bytes:
+    return bytes([seed]) * 7 + os.urandom(size - 7)
+
+
+async def test_materialize_links_and_copies_large_blobs_out_of_the_sqlite_cache(
+    sqlite_cache: SqliteCache, tmp_path: Path
+) -> None:
+    big, tool = _big(1, 1 << 20), b"#!/bin/sh\n" + _big(2, 200_000)
+    blobs = CountingBlobStore(sqlite_cache)
+    digest = await Store(blobs).create_digest(
+        CreateDigest(
+            [
+                FileContent("data/big.bin", big),
+                FileContent("bin/tool", tool, is_executable=True),
+                FileContent("small.txt", b"small"),
+            ]
+        )
+    )
+    big_digest, tool_digest = Digest.of_bytes(big), Digest.of_bytes(tool)
+    blob_file = sqlite_cache.local_path(big_digest)
+    assert blob_file is not None  # above the inline threshold: a file in the cache directory
+
+    store = Store(blobs)  # a fresh Store: nothing verified or cached yet
+    await store.materialize(digest, tmp_path / "ro", read_only=True)
+    linked = tmp_path / "ro" / "data" / "big.bin"
+    assert linked.stat().st_ino == blob_file.stat().st_ino  # a hard link, not a copy
+    assert stat.S_IMODE(linked.stat().st_mode) == 0o444
+    copied = tmp_path / "ro" / "bin" / "tool"  # executable: never a link to the shared blob
+    assert copied.read_bytes() == tool
+    assert stat.S_IMODE(copied.stat().st_mode) == 0o555
+    assert (tmp_path / "ro" / "small.txt").read_bytes() == b"small"  # inline: read from the db
+
+    await store.materialize(digest, tmp_path / "rw")
+    writable = tmp_path / "rw" / "data" / "big.bin"
+    assert writable.read_bytes() == big
+    assert writable.stat().st_ino != blob_file.stat().st_ino
+    assert stat.S_IMODE(writable.stat().st_mode) == 0o644
+    # The large blobs were placed from their files: never read whole through the blob store.
+    assert big_digest not in blobs.read_whole and tool_digest not in blobs.read_whole
+    assert Digest.of_bytes(b"small") in blobs.read_whole
+    assert blobs.streamed == []
+
+
+async def test_materialize_from_sqlite_catches_a_tampered_hard_link(
+    sqlite_cache: SqliteCache, tmp_path: Path
+) -> None:
+    big = _big(3, 300_000)
+    store = Store(sqlite_cache)
+    digest = await store.create_digest(CreateDigest([FileContent("in.bin", big)]))
+    await store.materialize(digest, tmp_path / "sandbox1", read_only=True)
+    corrupt_file(tmp_path / "sandbox1" / "in.bin", offset=1000)  # writes the shared blob
+    with (
+        pytest.warns(CorruptBlobWarning),
+        pytest.raises(MissingDigestError, match=re.escape("in.bin")),
+    ):
+        await store.materialize(digest, tmp_path / "sandbox2", read_only=True)
+    assert sqlite_cache.local_path(Digest.of_bytes(big)) is None  # evicted
+    assert not (tmp_path / "sandbox2" / "in.bin").exists()
+
+
+async def test_materialize_reports_a_blob_file_removed_behind_the_stores_back(
+    sqlite_cache: SqliteCache, tmp_path: Path
+) -> None:
+    big = _big(4, 100_000)
+    digest = await Store(sqlite_cache).create_digest(CreateDigest([FileContent("x/in.bin", big)]))
+    path = sqlite_cache.local_path(Digest.of_bytes(big))
+    assert path is not None
+    path.unlink()  # e.g. another process's GC
+    with pytest.raises(MissingDigestError, match=re.escape("'x/in.bin'")):
+        await Store(sqlite_cache).materialize(digest, tmp_path / "sandbox")
+
+
+async def test_materialize_streams_large_blobs_that_are_not_local_files(tmp_path: Path) -> None:
+    size = 5 << 20  # above the size that is never read whole
+    big, medium = _big(5, size), _big(6, 100_000)
+    blobs = CountingBlobStore(NoLocalPath(tmp_path / "store"))
+    digest = await Store(blobs).create_digest(
+        CreateDigest(
+            [
+                FileContent("big.bin", big, is_executable=True),
+                FileContent("medium.bin", medium),
+            ]
+        )
+    )
+    await Store(blobs).materialize(digest, tmp_path / "sandbox", read_only=True)
+    out = tmp_path / "sandbox" / "big.bin"
+    assert out.read_bytes() == big
+    assert stat.S_IMODE(out.stat().st_mode) == 0o555
+    assert (tmp_path / "sandbox" / "medium.bin").read_bytes() == medium
+    big_digest = Digest.of_bytes(big)
+    assert blobs.streamed == [big_digest]
+    assert big_digest not in blobs.read_whole
+    assert Digest.of_bytes(medium) in blobs.read_whole  # small enough to batch in memory
+
+    # A corrupt streamed blob is caught, evicted, and leaves no file behind.
+    stored = blobs.inner.path_of(big_digest)
+    assert stored is not None
+    corrupt_file(stored, offset=size - 1)
+    with (
+        pytest.warns(CorruptBlobWarning),
+        pytest.raises(MissingDigestError, match=re.escape("big.bin")),
+    ):
+        await Store(blobs).materialize(digest, tmp_path / "sandbox2")
+    assert not (tmp_path / "sandbox2" / "big.bin").exists()
+    assert blobs.inner.path_of(big_digest) is None
+    with pytest.raises(StoreError, match="already exists"):
+        await Store(blobs).materialize(digest, tmp_path / "sandbox")
+
+
+async def test_intrinsic_blobs_are_never_stored(tmp_path: Path) -> None:
+    assert frozenset({EMPTY_DIGEST, EMPTY_FILE_DIGEST}) == INTRINSIC_DIGESTS
+    assert is_intrinsic(EMPTY_DIGEST) and is_intrinsic(EMPTY_FILE_DIGEST)
+    assert not is_intrinsic(Digest.of_bytes(b"x"))
+    blobs = CountingBlobStore(MemoryBlobStore())
+    store = Store(blobs)
+    assert await store.store_bytes(b"") == EMPTY_FILE_DIGEST
+    assert await store.create_digest(CreateDigest([])) == EMPTY_DIGEST
+    digest = await store.create_digest(CreateDigest([FileContent("empty", b""), Directory("d")]))
+    assert not set(blobs.written) & INTRINSIC_DIGESTS
+    assert await store.load_bytes(EMPTY_FILE_DIGEST) == b""
+    await store.materialize(digest, tmp_path / "sandbox")
+    assert (tmp_path / "sandbox" / "empty").read_bytes() == b""
+    assert not set(blobs.read_whole) & INTRINSIC_DIGESTS
 
 
 async def test_capture_declared_outputs(any_store: Store, tmp_path: Path) -> None:

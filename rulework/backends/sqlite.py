@@ -13,7 +13,7 @@ the row that makes it visible is committed. A crash at any point leaves at worst
 a row, which is invisible, adopted by the next write of the same blob, and tidied by `verify()`.
 
 Within one process, concurrent writes are *group-committed*: each caller queues its operation,
-one of them (the committer) runs every queued operation in a single transaction, and each
+the cache's writer thread commits every queued operation in a single transaction, and each
 caller returns once its own operation is committed. See `SqliteCache` for the details.
 """
 
@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,21 +69,19 @@ _CHUNK = 500
 # Reads at most this large (in digests and bytes) may take the event-loop fast path.
 _FAST_PATH_MAX_DIGESTS = 64
 _FAST_PATH_MAX_BYTES = 256 * _KiB
+# A write cancelled while in a transaction waits (shielded) at most this long for it to end.
+_WITHDRAW_WAIT_SECONDS = 30.0
 # Automatic garbage collection when a session closes is bounded by this much time.
 _CLOSE_GC_BUDGET_SECONDS = 2.0
 # A group commit takes at most this many queued operations (and about this many bytes); the
 # rest wait for the next one, so that one transaction never grows without bound.
 _BATCH_MAX_OPERATIONS = 1024
 _BATCH_MAX_BYTES = 16 * 1024 * _KiB
-# A batch this small (operations, bytes written, access times carried) commits on the event-loop
-# thread when `loop_thread_writes` is on; anything larger goes to a worker thread.
-_LOOP_WRITE_MAX_OPERATIONS = 128
-_LOOP_WRITE_MAX_BYTES = 256 * _KiB
-_LOOP_WRITE_MAX_TOUCHES = 64
-# SQLite's own automatic checkpoint (the default after 1000 WAL pages) runs inside the commit
-# that crosses the threshold and fsyncs twice: measured here it made one commit in ~200 take
-# 5-15 ms, half the average write cost. We switch it off and run a PASSIVE checkpoint in a
-# background thread after about this many pages (estimated from what we wrote) instead.
+# SQLite's automatic checkpoint (after 1000 WAL pages by default) runs inside the COMMIT that
+# crosses the threshold and fsyncs twice: measured here, one commit in ~250 took 5-20 ms,
+# which was half the average cost of a write. It is off; the writer thread runs a PASSIVE
+# checkpoint itself after about this many pages (estimated from what it wrote), once the
+# batch's callers have their answers.
 _CHECKPOINT_AFTER_PAGES = 1000
 _PAGE_BYTES = 4096
 
@@ -100,8 +99,6 @@ class SqliteCacheConfig:
         loop_thread_reads: answer small indexed reads (`get_action`, `find_missing_blobs` of a
             few digests, `read_blobs` of a few small blobs) directly on the event-loop thread;
             see `SqliteCache` for why this is the default.
-        loop_thread_writes: commit small group commits (a few operations, a few small blobs)
-            directly on the event-loop thread when the write lock is free; see `SqliteCache`.
         lock_timeout_seconds: how long a write waits for other processes' write locks before
             failing with `CacheBackendError`.
     """
@@ -109,7 +106,6 @@ class SqliteCacheConfig:
     max_bytes: int | None = 10 * _GiB
     inline_threshold: int = 64 * _KiB
     loop_thread_reads: bool = True
-    loop_thread_writes: bool = True
     lock_timeout_seconds: float = 60.0
 
     def __post_init__(self) -> None:
@@ -133,10 +129,13 @@ class SqliteCacheConfig:
                     f"must be an integer >= 0 (bytes), found {self.inline_threshold!r}",
                 )
             )
-        for name in ("loop_thread_reads", "loop_thread_writes"):
-            flag = getattr(self, name)
-            if not isinstance(flag, bool):
-                problems.append((f"cache.sqlite.{name}", f"must be true or false, found {flag!r}"))
+        if not isinstance(self.loop_thread_reads, bool):
+            problems.append(
+                (
+                    "cache.sqlite.loop_thread_reads",
+                    f"must be true or false, found {self.loop_thread_reads!r}",
+                )
+            )
         timeout = self.lock_timeout_seconds
         if (
             isinstance(timeout, bool)
@@ -204,14 +203,12 @@ class SqliteWriteStatistics:
     """Write operations committed (a `put_action`, a `write_blobs`, an eviction...)."""
     transactions: int = 0
     """Transactions committed, each holding one or more operations."""
-    event_loop_transactions: int = 0
-    """Of `transactions`, those committed directly on the event-loop thread."""
     largest_batch: int = 0
     """The most operations committed in one transaction."""
     busy_retries: int = 0
     """Attempts that found the write lock held by another process (or connection)."""
     checkpoints: int = 0
-    """Background WAL checkpoints completed."""
+    """WAL checkpoints run by the writer thread."""
 
 
 class _BusyError(Exception):
@@ -252,38 +249,41 @@ class _Tx:
     total_delta: int = 0
 
 
-# An operation's body: runs inside the group's transaction, on whatever thread commits it.
+# An operation's body: runs inside the group's transaction, in the writer thread.
 _WriteFn = Callable[[sqlite3.Connection, _Tx], _T]
 
-# _WriteOp.state values.
-_QUEUED: Final = 0  # in SqliteCache._queue, waiting for a committer
-_RUNNING: Final = 1  # taken into a transaction that is being committed
+# _WriteOp.state values. Transitions happen under SqliteCache._cond.
+_QUEUED: Final = 0  # in SqliteCache._queue; its caller may still withdraw it
+_RUNNING: Final = 1  # taken by the writer thread into a transaction
 _DONE: Final = 2  # committed or failed: `value` / `error` hold the outcome
+
+# A transaction's outcome per operation: ("ok", value), ("error", exception), or None when it
+# did not run because another connection held the write lock.
+_Result = tuple[str, Any] | None
 
 
 @dataclass(eq=False, slots=True)
 class _WriteOp:
-    """One caller's write, queued for the next group commit."""
+    """One caller's write, queued for the writer thread's next group commit."""
 
     fn: _WriteFn[Any]
     doing: str
     retry: bool
     weight: int
-    """Bytes it writes (inline data), to size batches and choose the thread."""
-    heavy: bool
-    """Never committed on the event-loop thread (GC batches, large deletions)."""
+    """Bytes it writes, to bound the size of a batch."""
     deadline: float
+    """`time.monotonic()` past which waiting for another process's lock fails it."""
+    token: trio.lowlevel.TrioToken
+    """Where to deliver the outcome (the caller's trio run)."""
+    touches: tuple[dict[str, int], dict[bytes, int]] | None
+    """Access-time updates taken from the queue with it; given back if they are not written."""
+    done: trio.Event = field(default_factory=trio.Event)
     state: int = _QUEUED
     value: Any = None
     error: BaseException | None = None
-    # Set when the op is done, or when its caller is asked to become the committer; replaced
-    # by a fresh Event each time the caller waits again.
-    wakeup: trio.Event = field(default_factory=trio.Event)
-
-
-# A transaction's outcome per operation: ("ok", value), ("error", exception), or None when it
-# did not run because another connection held the write lock.
-_Result = tuple[str, Any] | None
+    touches_written: bool = False
+    withdrawn: bool = False
+    """Its caller was cancelled while it was in a transaction attempt: never retry it."""
 
 
 class SqliteCache:
@@ -303,38 +303,45 @@ class SqliteCache:
             await cache.aclose()
 
     Group commit. Every write (`put_action`, the rows of `write_blobs`, evictions, access
-    times, GC batches) is an operation queued in this process. The caller that finds no commit
-    in progress becomes the *committer*: it yields once, so that the other tasks ready to write
-    queue theirs, then commits everything queued in one `BEGIN IMMEDIATE` transaction, hands
-    each caller its own outcome, and returns when its own operation is done; if operations were
-    queued meanwhile (while it waited for a worker thread), the first of their callers takes
-    over. Every caller returns only once its operation is committed, so it can read its write
-    back at once. A caller cancelled while its operation is still queued takes it out of the
-    queue: nothing of it is written and the others are not disturbed; once its operation is in a
-    transaction, that transaction commits or rolls back whole. One operation failing (other
-    than on the lock) is retried alone, so that it fails only its own caller. While another
-    process holds the write lock, the batch waits in a worker thread and retries until
-    `lock_timeout_seconds`, re-formed at each attempt from what is still queued.
+    times, GC batches) is an operation handed to one writer thread, which the cache starts when
+    it opens. The writer takes everything queued (up to a bound), commits it in one
+    `BEGIN IMMEDIATE` transaction, and hands each caller its own outcome; meanwhile the next
+    operations queue up for the following transaction. A caller returns only once its
+    operation is committed, so it can read its write back at once. A caller cancelled while its
+    operation is still queued withdraws it: nothing of it is written and the others are not
+    disturbed; once the writer has taken it into a transaction (or an attempt at one, waiting
+    for another process's lock), the cancelled call returns when that transaction has ended:
+    the write then happened whole, or not at all and is not retried. An operation that fails (other than on the lock) is retried alone, so that it fails
+    only its own caller. While another process holds the write lock, the writer waits for it
+    (`busy_timeout`) and retries, re-forming the batch at each attempt from what is still
+    queued, until each operation's `lock_timeout_seconds` has passed.
 
-    Threads and connections. Four connections, each used by one thread at a time: the *loop*
-    connection (the event-loop thread's: small reads and small commits, `busy_timeout=0`), a
-    writer for larger commits in worker threads (the committer is unique, so the two never
-    write at once), a reader for larger reads (behind a trio Lock; WAL readers never wait for
-    writers), and one for background WAL checkpoints. Cross-process ordering is SQLite's file
-    locking with `BEGIN IMMEDIATE`.
+    Why a dedicated thread: measured on a 2-core machine, `trio.to_thread.run_sync` costs the
+    event loop ~80 us of CPU per hop, a hand-off to a waiting thread and back through
+    `TrioToken.run_sync_soon` ~40 us, and batching divides either by the batch size; the
+    writer also starts the next batch the moment one is committed. Why not commit on the
+    event-loop thread, as small reads run: a commit writes to the WAL file, and on a shared
+    ext4 file system such writes were measured to block for 10-90 ms whenever the file
+    system's journal commits (checkpoints, any process's fsync; p99.9 of 10 ms with no fsync
+    of ours at all), which would freeze the whole engine. Reads do not wait on the journal.
+    SQLite's own automatic checkpoint is off: the writer checkpoints (PASSIVE) after answering
+    a batch, not inside a COMMIT that callers are waiting for.
 
-    The event-loop fast paths (`loop_thread_reads`, `loop_thread_writes`, default on).
-    Measured on a 2-core machine: a trio thread hop costs 130-250 us, while the two indexed reads
-    of a process-cache hit cost 20-40 us together and a small commit 25-55 us when run
-    directly (WAL mode with `synchronous=NORMAL` does not fsync on commit; its writes go to the
-    OS page cache). So small reads and small commits run on the event-loop thread with
-    `busy_timeout=0`: they never wait for a lock (a busy database falls back to the worker
-    thread path), and what they may block on is a few page reads or writes that the page cache
-    absorbs in microseconds. Sharing one connection for both also keeps its page cache valid
-    across this process's own writes (a separate reader re-reads its pages after every commit
-    of another connection: 40-100 us more per hit). SQLite's automatic checkpoint, which would
-    fsync inside a commit, is off; a background thread checkpoints instead. On a slow or network
-    file system, set both options to false.
+    Threads and connections. Three connections: the writer thread's, a reader for the larger
+    reads (in worker threads, behind a trio Lock; WAL readers never wait for writers), and the
+    fast-path reader on the event-loop thread. Cross-process ordering is SQLite's file locking
+    with `BEGIN IMMEDIATE`.
+
+    The fast path (`loop_thread_reads`, default on). Measured on an idle 2-core machine: a trio
+    thread hop costs 130-160 us (several times more when the cores are busy), while the two
+    indexed reads of a process-cache hit (the action row, and the index rows of a few blobs)
+    cost 20-40 us together when run directly. Two hops would be ~350 us per hit against a goal
+    of 200 us, so small reads run on the event-loop thread, on a read-only connection with
+    `busy_timeout=0` and the database memory-mapped: it never waits for a lock (a busy database
+    falls back to the worker-thread path), and what it may block on is a few page reads, which
+    the OS page cache serves in microseconds once the cache is warm; a cold page costs about
+    what the thread hop would have. On a slow or network file system, set
+    `loop_thread_reads = false`.
     """
 
     config_type: ClassVar[type[SqliteCacheConfig]] = SqliteCacheConfig
@@ -347,26 +354,25 @@ class SqliteCache:
         self._counters = CacheCounters()
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._loop: sqlite3.Connection | None = None
-        self._checkpointer: sqlite3.Connection | None = None
-        # Held by the committer for as long as it commits (and by `aclose`).
-        # Invariant: every _WriteOp in _queue has state _QUEUED, and while _queue is non-empty
-        # either _write_lock is held or the first op's caller has been woken to take it.
-        self._write_lock = trio.Lock()
-        self._queue: collections.deque[_WriteOp] = collections.deque()
+        self._loop_reader: sqlite3.Connection | None = None
         self._read_lock = trio.Lock()
         self._open_lock = trio.Lock()
         self._closed = False
-        # Access times to record, batched. Mutated on the event-loop thread only; a commit
-        # takes the whole dict with it into its transaction (`_take_touches`).
+        # The write queue, shared by the event-loop thread and the writer thread.
+        # Invariant (under _cond): every op in _queue has state _QUEUED; an op leaves _queue
+        # only when the writer takes it (-> _RUNNING) or its caller withdraws it.
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[_WriteOp] = collections.deque()
+        self._stopping = False  # set (under _cond) when the writer thread is to exit
+        self._writer_thread: threading.Thread | None = None
+        # Access times to record, batched. Mutated on the event-loop thread only; each write
+        # takes the whole dicts along into its transaction (`_take_touches`).
         self._touch_actions: dict[str, int] = {}
         self._touch_blobs: dict[bytes, int] = {}
         self._touches_since = 0.0
-        # WAL pages written since the last checkpoint started (an estimate), and the Event
-        # set when the running background checkpoint ends (None when none runs).
-        self._wal_pages = 0
-        self._checkpoint_done: trio.Event | None = None
+        # Written by the writer thread only.
         self._write_stats = dict.fromkeys(SqliteWriteStatistics.__slots__, 0)
+        self._wal_pages = 0  # WAL pages written since the last checkpoint (an estimate)
 
     # -- opening and closing -------------------------------------------------------------------
 
@@ -385,15 +391,22 @@ class SqliteCache:
                 while True:
                     try:
                         await trio.to_thread.run_sync(self._open_sync)
-                        return
+                        break
                     except _BusyError:
                         if trio.current_time() > deadline:
                             raise self._locked_error("opening the cache") from None
                         await trio.sleep(0.02)
+                assert self._writer is not None
+                thread = threading.Thread(
+                    target=self._writer_main,
+                    args=(self._writer,),
+                    name=f"rulework sqlite writer ({self.directory})",
+                    daemon=True,  # an unclosed cache must not keep the interpreter alive
+                )
+                thread.start()
+                self._writer_thread = thread
 
-    def _connect(
-        self, *, busy_timeout_ms: int, read_only: bool = False, mapped: bool = False
-    ) -> sqlite3.Connection:
+    def _connect(self, *, busy_timeout_ms: int, read_only: bool) -> sqlite3.Connection:
         con = sqlite3.connect(
             self.database_path,
             timeout=busy_timeout_ms / 1000,
@@ -405,12 +418,12 @@ class SqliteCache:
             # NORMAL in WAL mode: commits are atomic and the database never corrupts; only
             # the last transactions may be lost on power failure, which a cache can afford.
             con.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoints run in the background (`_maybe_checkpoint`), never inside a commit.
-            con.execute("PRAGMA wal_autocheckpoint=0")
             if read_only:
                 con.execute("PRAGMA query_only=1")
-            if mapped:
                 con.execute("PRAGMA mmap_size=268435456")
+            else:
+                # The writer thread checkpoints (`_maybe_checkpoint`), never inside a COMMIT.
+                con.execute("PRAGMA wal_autocheckpoint=0")
         except BaseException:
             con.close()
             raise
@@ -427,7 +440,7 @@ class SqliteCache:
             ) from exc
         opened: list[sqlite3.Connection] = []
         try:
-            writer = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS)
+            writer = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS, read_only=False)
             opened.append(writer)
             mode = writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -455,9 +468,7 @@ class SqliteCache:
                 raise
             reader = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS, read_only=True)
             opened.append(reader)
-            loop = self._connect(busy_timeout_ms=0, mapped=True)
-            opened.append(loop)
-            checkpointer = self._connect(busy_timeout_ms=0)
+            loop_reader = self._connect(busy_timeout_ms=0, read_only=True)
         except BaseException as exc:
             _close_all(opened)
             if isinstance(exc, sqlite3.Error):
@@ -465,8 +476,7 @@ class SqliteCache:
                     raise _BusyError() from exc
                 raise self._database_error("opening", exc) from exc
             raise
-        self._writer, self._reader, self._loop = writer, reader, loop
-        self._checkpointer = checkpointer
+        self._writer, self._reader, self._loop_reader = writer, reader, loop_reader
 
     async def aclose(self) -> None:
         """Flush access times, GC within a small budget if over `max_bytes`, close. Idempotent."""
@@ -490,19 +500,18 @@ class SqliteCache:
                                 min_age_seconds=300,
                                 time_budget=_CLOSE_GC_BUDGET_SECONDS,
                             )
-            # The locks wait for operations still running in worker threads.
-            async with self._write_lock, self._read_lock:
-                checkpointer = self._checkpointer
-                if self._checkpoint_done is not None:
-                    with trio.move_on_after(30):
-                        await self._checkpoint_done.wait()
-                    if self._checkpoint_done is not None:
-                        checkpointer = None  # still in use by its thread: leave it be
-                connections = (self._writer, self._reader, self._loop, checkpointer)
-                self._writer = self._reader = self._loop = self._checkpointer = None
-                closed = CacheBackendError(f"The sqlite cache at {self.directory} was closed.")
-                while self._queue:
-                    self._finish(self._queue.popleft(), error=closed)
+            # The writer thread commits what is queued and exits (it fails operations still
+            # waiting for another process's lock at once); the read lock waits for reads still
+            # running in worker threads.
+            with self._cond:
+                self._stopping = True
+                self._cond.notify()
+            thread = self._writer_thread
+            if thread is not None:
+                await trio.to_thread.run_sync(thread.join)
+            async with self._read_lock:
+                connections = (self._writer, self._reader, self._loop_reader)
+                self._writer = self._reader = self._loop_reader = None
                 await trio.to_thread.run_sync(_close_all, connections)
 
     async def _ensure_open(self) -> None:
@@ -532,200 +541,195 @@ class SqliteCache:
             "cache.sqlite.lock_timeout_seconds."
         )
 
-    # -- writes: the group commit ----------------------------------------------------------------
+    def _closed_error(self) -> CacheBackendError:
+        return CacheBackendError(f"The sqlite cache at {self.directory} was closed.")
+
+    # -- writes: the caller's side of the group commit -------------------------------------------
 
     async def _run_write(
-        self,
-        doing: str,
-        fn: _WriteFn[_T],
-        *,
-        retry: bool = True,
-        weight: int = 0,
-        heavy: bool = False,
+        self, doing: str, fn: _WriteFn[_T], *, retry: bool = True, weight: int = 0
     ) -> _T:
-        """Run `fn(connection, tx)` inside a transaction shared with the other writes queued
-        now (and the pending access-time updates); return once it is committed. Retries while
-        another process holds the lock (with `retry=False`, raises `_BusyError` at once).
-
-        Args:
-            weight: bytes `fn` writes, so that large batches go to a worker thread.
-            heavy: `fn` does a lot of work (never on the event-loop thread).
-        """
-        await self._ensure_open()
+        """Run `fn(connection, tx)` in the writer thread, inside a transaction shared with the
+        other writes queued meanwhile and the pending access-time updates; return once it is
+        committed. Retries while another process holds the lock (with `retry=False`, raises
+        `_BusyError` at once instead). `weight`: the bytes `fn` writes."""
+        if self._writer is None:
+            await self._ensure_open()
+        touches = self._take_touches() if self._touch_actions or self._touch_blobs else None
         op = _WriteOp(
-            fn, doing, retry, weight, heavy, trio.current_time() + self.config.lock_timeout_seconds
+            fn,
+            doing,
+            retry,
+            weight,
+            time.monotonic() + self.config.lock_timeout_seconds,
+            trio.lowlevel.current_trio_token(),
+            touches,
         )
-        self._queue.append(op)
-        try:
-            while op.state != _DONE:
-                if not self._write_lock.locked():
-                    self._write_lock.acquire_nowait()
-                    try:
-                        await self._commit_until_done(op)
-                    finally:
-                        self._write_lock.release()
-                else:
-                    await op.wakeup.wait()
-                    if op.state != _DONE:
-                        op.wakeup = trio.Event()
-        except BaseException:
-            if op.state == _QUEUED:
-                self._queue.remove(op)  # never written: as if it had not been asked for
-            raise
-        finally:
-            # If no commit is in progress, the next queued caller becomes the committer.
-            if self._queue and not self._write_lock.locked():
-                self._queue[0].wakeup.set()
-        if op.error is not None:
-            raise op.error
-        return cast(_T, op.value)
-
-    async def _commit_until_done(self, mine: _WriteOp) -> None:
-        """As the committer: commit batches of queued operations until `mine` is done."""
-        # Let the other tasks that are ready to write queue their operations, so that they
-        # share this transaction (a checkpoint: a put cancelled here writes nothing).
-        await trio.lowlevel.checkpoint()
-        while mine.state != _DONE:
-            if await self._commit_batch(self._take_batch()):
-                # Another process holds the write lock (its worker-thread wait timed out).
-                self._write_stats["busy_retries"] += 1
-                await trio.sleep(0.01)
-
-    def _take_batch(self) -> list[_WriteOp]:
-        batch: list[_WriteOp] = []
-        weight = 0
-        queue = self._queue
-        while queue and len(batch) < _BATCH_MAX_OPERATIONS and weight < _BATCH_MAX_BYTES:
-            op = queue.popleft()
-            op.state = _RUNNING
-            batch.append(op)
-            weight += op.weight
-        return batch
-
-    def _finish(
-        self, op: _WriteOp, *, value: Any = None, error: BaseException | None = None
-    ) -> None:
-        op.state = _DONE
-        op.value = value
-        op.error = error
-        op.wakeup.set()
-
-    async def _commit_batch(self, batch: list[_WriteOp]) -> bool:
-        """Commit `batch` in one transaction and hand each operation its outcome. Operations
-        that could not run because the lock was held go back to the head of the queue (or fail,
-        past their deadline); returns True when some did (the caller waits, then retries)."""
-        writer, loop = self._writer, self._loop
-        if writer is None or loop is None:
-            closed = CacheBackendError(f"The sqlite cache at {self.directory} was closed.")
-            for op in batch:
-                self._finish(op, error=closed)
-            return False
-        actions, blobs = self._take_touches()
-        fns = [op.fn for op in batch]
-        weight = sum(op.weight for op in batch)
-        results: list[_Result] | None = None
-        touched = False
-        try:
-            if (
-                self.config.loop_thread_writes
-                and len(batch) <= _LOOP_WRITE_MAX_OPERATIONS
-                and weight <= _LOOP_WRITE_MAX_BYTES
-                and len(actions) + len(blobs) <= _LOOP_WRITE_MAX_TOUCHES
-                and not any(op.heavy for op in batch)
-            ):
-                results, touched = _commit_sync(loop, fns, actions, blobs)
-                if results[0] is None:
-                    # Another process holds the lock: wait for it in a worker thread, never here.
-                    self._write_stats["busy_retries"] += 1
-                    results = None
-                else:
-                    self._write_stats["event_loop_transactions"] += 1
-            if results is None:
-                results, touched = await trio.to_thread.run_sync(
-                    _commit_sync, writer, fns, actions, blobs
-                )
-        except BaseException as exc:
-            # Not a database error (those are in `results`): an interrupt while the worker
-            # thread ran, for instance. Whether the transaction committed is unknown.
-            unknown = CacheBackendError(
-                f"A write to the sqlite cache {self.database_path} was interrupted "
-                f"({type(exc).__name__}); it may or may not have been committed."
-            )
-            for op in batch:
-                self._finish(op, error=unknown)
-            raise
-        finally:
-            if not touched:
-                self._restore_touches(actions, blobs)
-        assert results is not None
-        committed = 0
-        requeue: list[_WriteOp] = []
-        now = trio.current_time()
-        for op, result in zip(batch, results, strict=True):
-            if result is None:
-                if not op.retry:
-                    self._finish(op, error=_BusyError())
-                elif now > op.deadline:
-                    self._finish(op, error=self._locked_error(op.doing))
-                else:
-                    op.state = _QUEUED
-                    requeue.append(op)
-            elif result[0] == "ok":
-                committed += 1
-                self._finish(op, value=result[1])
+        with self._cond:
+            if self._stopping:
+                op.state = _DONE
+                op.error = self._closed_error()
             else:
-                error = result[1]
-                if isinstance(error, sqlite3.Error):
-                    error = self._database_error(op.doing, error)
-                self._finish(op, error=error)
-        self._queue.extendleft(reversed(requeue))
-        if committed:
-            stats = self._write_stats
-            stats["operations"] += committed
-            stats["transactions"] += 1  # (a failed op's solo retries are not counted apart)
-            stats["largest_batch"] = max(stats["largest_batch"], committed)
-            self._wal_pages += 2 + 2 * committed + weight // _PAGE_BYTES
-            self._maybe_checkpoint()
-        return bool(requeue)
+                self._queue.append(op)
+                self._cond.notify()
+        try:
+            if op.state != _DONE:
+                await op.done.wait()
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            with self._cond:
+                state = op.state
+                if state == _QUEUED:
+                    self._queue.remove(op)  # never written: as if it had not been asked for
+                    op.state = _DONE
+                elif state == _RUNNING:
+                    op.withdrawn = True
+            if state == _QUEUED and touches is not None:
+                self._restore_touches(*touches)
+            elif state == _RUNNING:
+                # It is in a transaction: wait for that one to end (it is not retried after),
+                # so that when this call returns the write has happened whole or not at all, as
+                # with a cancelled worker-thread call. `_wake` gives back unwritten touches.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(_WITHDRAW_WAIT_SECONDS):
+                        await op.done.wait()
+            raise
+        error = op.error
+        if error is not None:
+            if isinstance(error, sqlite3.Error):
+                raise self._database_error(doing, error) from error
+            if isinstance(error, _LockTimeout):
+                raise self._locked_error(doing) from None
+            raise error
+        return cast(_T, op.value)
 
     def write_statistics(self) -> SqliteWriteStatistics:
         """How this process's writes were grouped into transactions so far."""
         return SqliteWriteStatistics(**self._write_stats)
 
-    # -- background checkpoints ------------------------------------------------------------------
+    # -- writes: the writer thread -----------------------------------------------------------------
 
-    def _maybe_checkpoint(self) -> None:
-        """Start a PASSIVE checkpoint in a background thread once enough was written.
+    def _writer_main(self, con: sqlite3.Connection) -> None:
+        """The writer thread: commit what is queued, batch after batch, until told to stop."""
+        cond = self._cond
+        queue = self._queue
+        while True:
+            with cond:
+                while not queue and not self._stopping:
+                    cond.wait()
+                if not queue:
+                    return  # stopping, and everything queued was answered
+                batch: list[_WriteOp] = []
+                weight = 0
+                while queue and len(batch) < _BATCH_MAX_OPERATIONS and weight < _BATCH_MAX_BYTES:
+                    op = queue.popleft()
+                    op.state = _RUNNING
+                    batch.append(op)
+                    weight += op.weight
+            try:
+                self._commit_batch_sync(con, batch, weight)
+            except BaseException as exc:
+                # A bug of ours: never leave a caller waiting. Everything queued fails, and so
+                # does every later write (the cache counts as closed).
+                logger.exception("The sqlite cache writer thread failed")
+                with cond:
+                    self._stopping = True
+                    pending = [op for op in batch if op.state != _DONE] + list(queue)
+                    queue.clear()
+                self._deliver(
+                    pending,
+                    CacheBackendError(
+                        f"The sqlite cache {self.database_path} stopped writing after an "
+                        f"internal error ({type(exc).__name__}: {exc}); reopen it."
+                    ),
+                )
+                return
 
-        PASSIVE never waits for (nor blocks) readers and writers, ours or other processes'; it
-        copies what it can and leaves the rest for the next one. `aclose` waits for it.
-        """
-        con = self._checkpointer
-        if self._wal_pages < _CHECKPOINT_AFTER_PAGES or self._checkpoint_done is not None:
-            return
-        if con is None:
-            return
-        self._wal_pages = 0
-        done = self._checkpoint_done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-
-        def finished(error: BaseException | None) -> None:
-            self._checkpoint_done = None
-            done.set()
-            if error is None:
-                self._write_stats["checkpoints"] += 1
+    def _commit_batch_sync(
+        self, con: sqlite3.Connection, batch: list[_WriteOp], weight: int
+    ) -> None:
+        touch_actions: dict[str, int] = {}
+        touch_blobs: dict[bytes, int] = {}
+        for op in batch:
+            if op.touches is not None:
+                touch_actions.update(op.touches[0])
+                touch_blobs.update(op.touches[1])
+        results, touched = _commit_sync(con, [op.fn for op in batch], touch_actions, touch_blobs)
+        stats = self._write_stats
+        committed = 0
+        finished: list[_WriteOp] = []
+        retry: list[_WriteOp] = []
+        now = time.monotonic()
+        for op, result in zip(batch, results, strict=True):
+            op.touches_written = touched
+            if result is None:
+                if not op.retry:
+                    op.error = _BusyError()
+                elif self._stopping:
+                    op.error = self._closed_error()
+                elif now > op.deadline:
+                    op.error = _LockTimeout()
+                else:
+                    retry.append(op)
+                    continue
+            elif result[0] == "ok":
+                committed += 1
+                op.value = result[1]
             else:
+                op.error = result[1]
+            finished.append(op)
+        if committed:
+            stats["operations"] += committed
+            stats["transactions"] += 1
+            stats["largest_batch"] = max(stats["largest_batch"], committed)
+            self._wal_pages += 2 + 2 * committed + weight // _PAGE_BYTES
+        if retry:
+            # Another process holds the lock (SQLite already waited `busy_timeout` for it):
+            # back to the head of the queue, where their callers may still withdraw them, and
+            # the next batch tries again with whatever else was queued meanwhile.
+            stats["busy_retries"] += 1
+            requeued: list[_WriteOp] = []
+            with self._cond:
+                for op in retry:
+                    if op.withdrawn:  # cancelled during this attempt: answer, do not retry
+                        op.error = _Withdrawn()
+                        finished.append(op)
+                    else:
+                        op.state = _QUEUED
+                        requeued.append(op)
+                self._queue.extendleft(reversed(requeued))
+        self._deliver(finished)
+        if self._wal_pages >= _CHECKPOINT_AFTER_PAGES:
+            self._wal_pages = 0
+            try:
+                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                stats["checkpoints"] += 1
+            except sqlite3.Error as exc:
                 # Nothing is lost: the WAL keeps the data and the next checkpoint retries.
-                logger.debug("Background checkpoint of %s failed: %s", self.database_path, error)
+                logger.debug("Checkpoint of %s failed: %s", self.database_path, exc)
 
-        def deliver(result: Any) -> None:  # in the worker thread: hand back to trio
-            error = getattr(result, "error", None)
+    def _deliver(self, ops: list[_WriteOp], error: BaseException | None = None) -> None:
+        """In the writer thread: mark `ops` done and wake their callers, one hand-off per run."""
+        with self._cond:
+            for op in ops:
+                if error is not None and op.error is None:
+                    op.error = error
+                op.state = _DONE
+        by_token: dict[trio.lowlevel.TrioToken, list[_WriteOp]] = {}
+        for op in ops:
+            by_token.setdefault(op.token, []).append(op)
+        for token, group in by_token.items():
+            # The run may be over (its callers gone): then there is nobody left to wake.
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(finished, error)
+                token.run_sync_soon(self._wake, group)
 
-        trio.lowlevel.start_thread_soon(
-            functools.partial(_checkpoint_sync, con), deliver, name="rulework sqlite checkpoint"
-        )
+    def _wake(self, ops: Sequence[_WriteOp]) -> None:
+        """On the event-loop thread: wake the callers of answered ops."""
+        for op in ops:
+            if op.touches is not None and not op.touches_written:
+                self._restore_touches(*op.touches)
+            op.done.set()
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -748,10 +752,10 @@ class SqliteCache:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T], *, small: bool) -> _T:
         """Run a read: directly on this thread when small and allowed, else in a worker."""
-        loop = self._loop
-        if small and loop is not None and self.config.loop_thread_reads:
+        loop_reader = self._loop_reader
+        if small and loop_reader is not None and self.config.loop_thread_reads:
             try:
-                result = fn(loop)
+                result = fn(loop_reader)
             except sqlite3.Error as exc:
                 if not _is_busy(exc):
                     raise self._database_error("reading", exc) from exc
@@ -803,7 +807,7 @@ class SqliteCache:
 
     async def get_action(self, key: str) -> bytes | None:
         """The value stored under `key`, or None."""
-        if self._loop is None:
+        if self._loop_reader is None:
             await self._ensure_open()
         row = await self._read(lambda con: _get_action_sync(con, key), small=True)
         if row is None:
@@ -840,7 +844,7 @@ class SqliteCache:
         if not pairs:
             await trio.lowlevel.checkpoint()
             return frozenset()
-        if self._loop is None:
+        if self._loop_reader is None:
             await self._ensure_open()
         hashes = [h for h, _ in pairs]
         small = len(pairs) <= _FAST_PATH_MAX_DIGESTS
@@ -949,7 +953,6 @@ class SqliteCache:
             "writing blobs",
             functools.partial(_insert_blobs_sync, rows=rows),
             weight=sum(len(data) + 64 for _, _, data in rows if data is not None),
-            heavy=len(rows) > _FAST_PATH_MAX_DIGESTS,
         )
         self._counters.blob_writes += len(rows)
         self._counters.bytes_written += added
@@ -1016,7 +1019,6 @@ class SqliteCache:
         removed = await self._run_write(
             "removing blobs",
             functools.partial(_delete_blobs_sync, hashes=hashes),
-            heavy=len(hashes) > _FAST_PATH_MAX_DIGESTS,
         )
         files = [d for d in digests if removed.get(_hash_key(d))]
         if files:
@@ -1087,7 +1089,6 @@ class SqliteCache:
                 functools.partial(
                     _gc_batch_sync, excess=total - target_bytes, newest_allowed=newest_allowed
                 ),
-                heavy=True,
             )
             if not batch.removed_any:
                 complete = False  # only entries younger than min_age_seconds are left
@@ -1178,7 +1179,6 @@ class SqliteCache:
             await self._run_write(
                 "indexing stray blob files",
                 functools.partial(_insert_blobs_sync, rows=adopted),
-                heavy=True,
             )
         if bad:
             await trio.to_thread.run_sync(_unlink_all, bad)
@@ -1302,8 +1302,12 @@ def _commit_sync(
     return results, False
 
 
-def _checkpoint_sync(con: sqlite3.Connection) -> None:
-    con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+class _LockTimeout(Exception):
+    """Marks an operation that waited for another process's lock past its deadline."""
+
+
+class _Withdrawn(Exception):
+    """Marks an operation whose caller was cancelled during a failed attempt (never seen)."""
 
 
 def _busy_guard(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -1327,14 +1331,21 @@ def _get_action_sync(con: sqlite3.Connection, key: str) -> tuple[bytes, int] | N
 
 def _put_action_sync(con: sqlite3.Connection, tx: _Tx, key: str, value: bytes) -> None:
     cost = len(key.encode()) + len(value)
-    old = con.execute("SELECT cost FROM actions WHERE key = ?", (key,)).fetchall()
-    con.execute(
+    # A new key (the usual case: a process that just ran) costs one statement.
+    inserted = con.execute(
         "INSERT INTO actions (key, atime, cost, value) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET atime = excluded.atime, cost = excluded.cost, "
-        "value = excluded.value",
+        "ON CONFLICT (key) DO NOTHING",
         (key, tx.now, cost, value),
+    ).rowcount
+    if inserted == 1:
+        tx.total_delta += cost
+        return
+    (old_cost,) = con.execute("SELECT cost FROM actions WHERE key = ?", (key,)).fetchone()
+    con.execute(
+        "UPDATE actions SET atime = ?, cost = ?, value = ? WHERE key = ?",
+        (tx.now, cost, value, key),
     )
-    tx.total_delta += cost - (old[0][0] if old else 0)
+    tx.total_delta += cost - old_cost
 
 
 @functools.cache

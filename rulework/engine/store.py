@@ -29,7 +29,7 @@ import stat
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -64,6 +64,7 @@ from .fs import (
 )
 
 __all__ = [
+    "INTRINSIC_DIGESTS",
     "CorruptBlobWarning",
     "DigestConflictError",
     "FileBlobStore",
@@ -72,6 +73,7 @@ __all__ = [
     "StoreStatistics",
     "UnmatchedGlobsError",
     "UnmatchedGlobsWarning",
+    "is_intrinsic",
 ]
 
 _T = TypeVar("_T")
@@ -239,14 +241,22 @@ def _describe_entry(entry: DirectoryEntry | None) -> str:
     )
 
 
-def _is_intrinsic(digest: Digest) -> bool:
-    return digest in _INTRINSIC_BLOBS
-
-
+# Blobs every Store knows without storing them: the empty file and the empty directory. A
+# Store never writes them to its blob store, and answers them without asking it.
 _INTRINSIC_BLOBS: Final = {
     EMPTY_FILE_DIGEST: b"",
     EMPTY_DIGEST: encode_directory({}),
 }
+
+INTRINSIC_DIGESTS: Final[frozenset[Digest]] = frozenset(_INTRINSIC_BLOBS)
+"""The digests a `Store` never stores in its blob store (`EMPTY_FILE_DIGEST`, `EMPTY_DIGEST`):
+their content is known, so they are never written, read, or reported missing."""
+
+
+def is_intrinsic(digest: Digest) -> bool:
+    """True for a digest a `Store` never stores (see `INTRINSIC_DIGESTS`): a blob store need
+    not hold it, and code that checks or copies a tree's blobs should skip it."""
+    return digest in _INTRINSIC_BLOBS
 
 
 # --- blob stores --------------------------------------------------------------------------------
@@ -906,7 +916,9 @@ class Store:
     """The engine's content-addressed file store over a `BlobStore`.
 
     Args:
-        blobs: where blobs live; `FileBlobStore` enables hard-link materialization.
+        blobs: where blobs live. A blob store with a `local_path(digest) -> Path | None`
+            method (`FileBlobStore`, the sqlite cache for its large blobs) lets `materialize`
+            hard-link or copy blob files instead of reading them.
         stat_cache_path: persist the stat cache (see `snapshot`) to this file on `aclose()`
             and load it on first use, so that a new process re-snapshots an unchanged tree
             without rehashing it.
@@ -928,7 +940,8 @@ class Store:
         io_threads: int | None = None,
     ) -> None:
         self._blobs = blobs
-        self._file_blobs: FileBlobStore | None = blobs if isinstance(blobs, FileBlobStore) else None
+        # Where a blob's file is, if the blob store keeps it as one (called in worker threads).
+        self._path_of = _path_function(blobs)
         self._use_mmap = use_mmap
         # Small-file batches are syscall-bound (the GIL is released), so a few more threads than
         # cores overlap their waits.
@@ -979,7 +992,7 @@ class Store:
             digest = await trio.to_thread.run_sync(_hash_bytes, data)
         else:
             digest = _hash_bytes(data)
-        if digest not in self._present and not _is_intrinsic(digest):
+        if digest not in self._present and not is_intrinsic(digest):
             await self._blobs.write_blobs({digest: data})
             self._mark_present((digest,))
         return digest
@@ -1050,7 +1063,7 @@ class Store:
 
     async def _write_new(self, blobs: Mapping[Digest, bytes]) -> None:
         present = self._present
-        new = {d: b for d, b in blobs.items() if d not in present}
+        new = {d: b for d, b in blobs.items() if d not in present and d not in _INTRINSIC_BLOBS}
         if new:
             await self._blobs.write_blobs(new)
             self._mark_present(new)
@@ -1602,14 +1615,15 @@ class Store:
 
     async def _verify_stored(self, digest: Digest) -> None:
         """Hash one stored blob (from its file when possible) and evict it if corrupt."""
-        file_store = self._file_blobs
-        if file_store is None:
+        path_of = self._path_of
+        path = None if path_of is None else await trio.to_thread.run_sync(path_of, digest)
+        if path is None:
             await self._read_verified((digest,))
             return
-        path = await trio.to_thread.run_sync(file_store.local_path, digest)
-        if path is None:
-            return
-        actual = await trio.to_thread.run_sync(_hash_file_large, os.fspath(path), False)
+        try:
+            actual = await trio.to_thread.run_sync(_hash_file_large, path, False)
+        except FileNotFoundError:
+            return  # not stored (any more): nothing to check
         if actual != digest:
             await self._evict_corrupt([digest])
 
@@ -1624,12 +1638,16 @@ class Store:
         blob is verified before it is placed (once per blob file and Store, re-checked when the
         file's inode, size or mtime change).
 
-        With a `FileBlobStore` and `read_only=True`, non-executable files are *hard links* to
-        the store's read-only blob files: fast and space-free. A process that `chmod`s such a
-        link and writes to it would change the shared blob; the next read of that blob detects
-        the mismatch, evicts it and treats it as missing, so wrong bytes still never come back.
-        Otherwise files are copies (a copy-on-write reflink where the filesystem supports it,
-        else an in-kernel copy), which the process may modify freely.
+        Where the blob store keeps a blob as a file (it has `local_path`: `FileBlobStore`, or
+        the sqlite cache for blobs above its inline threshold), the file is placed from there,
+        never read into memory: with `read_only=True`, non-executable files are *hard links*
+        to the store's read-only blob files, fast and space-free. A process that `chmod`s such
+        a link and writes to it would change the shared blob; the next read of that blob
+        detects the mismatch, evicts it and treats it as missing, so wrong bytes still never
+        come back. Otherwise files are copies (a copy-on-write reflink where the filesystem
+        supports it, else an in-kernel copy), which the process may modify freely. Other blobs
+        are read in batches when small, and streamed into place (`read_blob_to_file`) when
+        large.
 
         Raises:
             MissingDigestError: a blob of the tree is absent or corrupt.
@@ -1647,18 +1665,27 @@ class Store:
         await trio.to_thread.run_sync(_make_dirs, dest_str, dirs)
         missing: list[tuple[str, Digest]] = []
         corrupt: dict[Digest, str] = {}
-        file_store = self._file_blobs
+        path_of = self._path_of
 
         async def place_batch(batch: list[tuple[str, DirectoryEntry]]) -> None:
             async with self._limiter:
-                if file_store is not None:
-                    result = await trio.to_thread.run_sync(
-                        self._place_local, file_store, dest_str, batch, read_only
+                elsewhere = batch
+                if path_of is not None:
+                    placed = await trio.to_thread.run_sync(
+                        self._place_local, path_of, dest_str, batch, read_only
                     )
-                    missing.extend(result[0])
-                    corrupt.update(result[1])
-                else:
-                    await self._place_generic(dest_str, batch, read_only, missing)
+                    corrupt.update(placed.corrupt)
+                    elsewhere = placed.elsewhere
+                small: list[tuple[str, DirectoryEntry]] = []
+                for path, entry in elsewhere:
+                    if entry.digest.serialized_bytes_length < _LARGE_FILE_BYTES:
+                        small.append((path, entry))
+                    else:
+                        await self._place_streamed(
+                            dest_str, path, entry, read_only, missing, corrupt
+                        )
+                if small:
+                    await self._place_generic(dest_str, small, read_only, missing)
 
         await _run_all(
             [
@@ -1678,14 +1705,14 @@ class Store:
 
     def _place_local(
         self,
-        store: FileBlobStore,
+        path_of: Callable[[Digest], str | None],
         dest: str,
         batch: list[tuple[str, DirectoryEntry]],
         read_only: bool,
-    ) -> tuple[list[tuple[str, Digest]], dict[Digest, str]]:
-        """In a worker thread: link or copy a batch of files out of a FileBlobStore."""
-        missing: list[tuple[str, Digest]] = []
-        corrupt: dict[Digest, str] = {}
+    ) -> _Placed:
+        """In a worker thread: link or copy a batch of files out of the blob store's files.
+        Files whose blob is not a local file are left for the caller (`elsewhere`)."""
+        placed = _Placed()
         for path, entry in batch:
             digest = entry.digest
             target = f"{dest}/{path}"
@@ -1693,11 +1720,14 @@ class Store:
             if digest == EMPTY_FILE_DIGEST:
                 _write_new_file(target, b"", mode)
                 continue
-            source = store._path(digest)
+            source = path_of(digest)
+            if source is None:
+                placed.elsewhere.append((path, entry))
+                continue
             try:
                 st = os.stat(source)
             except FileNotFoundError:
-                missing.append((path, digest))
+                placed.elsewhere.append((path, entry))  # gone (or never there): ask the store
                 continue
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             data: bytes | None = None
@@ -1710,24 +1740,31 @@ class Store:
                         _hash_file_large(source, self._use_mmap) == digest
                     )
                 if not ok:
-                    corrupt[digest] = path
+                    placed.corrupt[digest] = path
                     continue
                 self._verified[digest] = key
-            if read_only and not entry.is_executable and self._hard_links_work:
-                try:
-                    os.link(source, target)
-                    continue
-                except FileExistsError:
-                    raise StoreError(_exists_message(target)) from None
-                except OSError as exc:  # copy instead
-                    if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
-                        self._hard_links_work = False  # another filesystem: stop trying
-                    # else EMLINK (too many links to this blob) and the like: just this file
-            if data is not None:
-                _write_new_file(target, data, mode)
-            else:
-                _copy_new_file(source, target, mode)
-        return missing, corrupt
+            try:
+                if read_only and not entry.is_executable and self._hard_links_work:
+                    try:
+                        os.link(source, target)
+                        continue
+                    except FileExistsError:
+                        raise StoreError(_exists_message(target)) from None
+                    except FileNotFoundError:
+                        raise  # the blob file went away: see below
+                    except OSError as exc:  # copy instead
+                        if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
+                            self._hard_links_work = False  # another filesystem: stop trying
+                        # else EMLINK (too many links to this blob) and the like: just this file
+                if data is not None:
+                    _write_new_file(target, data, mode)
+                else:
+                    _copy_new_file(source, target, mode)
+            except FileNotFoundError:
+                # Removed since the stat (another process's GC): ask the store for it.
+                self._verified.pop(digest, None)
+                placed.elsewhere.append((path, entry))
+        return placed
 
     async def _place_generic(
         self,
@@ -1736,6 +1773,7 @@ class Store:
         read_only: bool,
         missing: list[tuple[str, Digest]],
     ) -> None:
+        """Place small files read (and verified) through the blob store, in one batch."""
         data = await self._read_verified({e.digest for _, e in batch})
         writes: list[tuple[str, bytes, int]] = []
         for path, entry in batch:
@@ -1745,6 +1783,38 @@ class Store:
             else:
                 writes.append((f"{dest}/{path}", blob, _file_mode(entry.is_executable, read_only)))
         await trio.to_thread.run_sync(_write_new_files, writes)
+
+    async def _place_streamed(
+        self,
+        dest: str,
+        path: str,
+        entry: DirectoryEntry,
+        read_only: bool,
+        missing: list[tuple[str, Digest]],
+        corrupt: dict[Digest, str],
+    ) -> None:
+        """Place one large file the blob store does not keep as a local file: streamed into
+        place by the store, then verified from disk, never held in memory here."""
+        digest = entry.digest
+        target = f"{dest}/{path}"
+        # Created here first (exclusively), so that an existing path is an error, as for any
+        # other file; `read_blob_to_file` then fills our own empty file.
+        await trio.to_thread.run_sync(_create_new_file, target)
+        if await self._blobs.read_blob_to_file(digest, Path(target)):
+            actual = await trio.to_thread.run_sync(_hash_file_large, target, self._use_mmap)
+            if actual == digest:
+                mode = _file_mode(entry.is_executable, read_only)
+                await trio.to_thread.run_sync(os.chmod, target, mode)
+                return
+            if actual.fingerprint == digest.fingerprint:
+                # The right bytes under a digest that lies about the size: missing, not corrupt.
+                missing.append((path, digest))
+            else:
+                corrupt[digest] = path
+        else:
+            missing.append((path, digest))
+        # Never leave wrong (or no) content under the tree's path.
+        await trio.to_thread.run_sync(_unlink_if_present, target)
 
     # -- the stat cache file ------------------------------------------------------------------
 
@@ -1783,6 +1853,33 @@ class Store:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
+
+
+@dataclass(slots=True)
+class _Placed:
+    """What `Store._place_local` could not place from a local blob file."""
+
+    corrupt: dict[Digest, str] = field(default_factory=dict)
+    """Blob files that do not hash to their digest, with one path each (to evict)."""
+    elsewhere: list[tuple[str, DirectoryEntry]] = field(default_factory=list)
+    """Files whose blob is not a local file: read or streamed through the blob store."""
+
+
+def _path_function(blobs: BlobStore) -> Callable[[Digest], str | None] | None:
+    """How to find a blob's file in `blobs`, if it keeps blobs as files (duck-typed on a
+    `local_path(digest) -> Path | None` method); None if it does not."""
+    if isinstance(blobs, FileBlobStore):
+        # The path without a stat: `_place_local` stats it anyway.
+        return blobs._path
+    local_path = getattr(blobs, "local_path", None)
+    if not callable(local_path):
+        return None
+
+    def path_of(digest: Digest) -> str | None:
+        path = local_path(digest)
+        return None if path is None else os.fspath(path)
+
+    return path_of
 
 
 async def _run_all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -1920,6 +2017,15 @@ def _write_new_file(target: str, data: bytes, mode: int) -> None:
         os.fchmod(fd, mode)
     finally:
         os.close(fd)
+
+
+def _create_new_file(target: str) -> None:
+    os.close(_open_new(target, 0o600))
+
+
+def _unlink_if_present(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _write_new_files(writes: Sequence[tuple[str, bytes, int]]) -> None:
