@@ -43,8 +43,8 @@ import blake3
 import trio
 
 from .errors import CacheError, MissingDigestError
-from .fs import EMPTY_DIGEST, EMPTY_FILE_DIGEST, Digest
-from .store import CorruptBlobWarning, MemoryBlobStore, Store
+from .fs import Digest
+from .store import CorruptBlobWarning, MemoryBlobStore, Store, is_intrinsic
 
 if TYPE_CHECKING:
     from ..abc import BlobStore, CacheBackend, CacheStatistics
@@ -140,12 +140,9 @@ def decode_entry_inline(
     return raw[end:], blobs, inline
 
 
-# Blobs whose content every Store knows without storing them (it never writes them).
-_INTRINSIC: Final = frozenset((EMPTY_FILE_DIGEST, EMPTY_DIGEST))
-
-
 def _needs_storage(digest: Digest) -> bool:
-    return digest not in _INTRINSIC
+    # Blobs every Store knows without storing them (the empty file and directory).
+    return not is_intrinsic(digest)
 
 
 class RemoteCacheWarning(RuntimeWarning):
@@ -296,6 +293,12 @@ class CacheLayer:
         )
 
     # -- statistics --------------------------------------------------------------------------------
+
+    def use_store(self, store: Store) -> None:
+        """Walk output trees with `store` (the engine's, over `local_blobs`), which already
+        knows the directories it just wrote, instead of re-reading them through a Store of
+        the layer's own."""
+        self._local_store = store
 
     def statistics(self) -> CacheLayerStatistics:
         """Counters since the layer was opened, with each backend's own statistics."""

@@ -125,6 +125,7 @@ async def open_services(
             # Lets a new process re-snapshot an unchanged workspace without rehashing it.
             stat_cache = Path(config.cache.dir) / "stat-cache.json"
         store = Store(layer.local_blobs, stat_cache_path=stat_cache)
+        layer.use_store(store)
         stack.push_async_callback(_close_shielded, store)
         executors = create_executors(config.environments)
         runner = ProcessRunner(executors, environment, store, layer, salt=config.cache.salt)
