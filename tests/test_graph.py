@@ -9,7 +9,7 @@ import itertools
 import os
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rulework.engine import graph as graph_module
 from rulework.engine.errors import NoSuchQueryError, RuleDefinitionError, RuleGraphError
 from rulework.engine.graph import (
     ParamSource,
@@ -29,6 +30,7 @@ from rulework.engine.graph import (
 from rulework.engine.rules import (
     Get,
     GetSpec,
+    MultiGet,
     QueryRule,
     RuleInfo,
     UnionMembership,
@@ -329,6 +331,231 @@ def test_mutual_recursion_through_gets() -> None:
     even, odd = graph.nodes()
     assert (even.rule.name, odd.rule.name) == ("is_even", "is_odd")
     assert even.gets[(IsOdd, N)] is odd and odd.gets[(IsEven, N)] is even
+
+
+# Hierarchical aggregation: a rule Gets its own output type from a finer-grained input, whose
+# rule does the same one level down. The params of the outer levels stay in scope below, so at
+# each Get several rules producing the type can run; rule 1 keeps the one consuming the input.
+
+
+@dataclass(frozen=True)
+class Group:
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SuperGroup:
+    groups: tuple[Group, ...]
+
+
+@dataclass(frozen=True)
+class Everything:
+    supers: tuple[SuperGroup, ...]
+
+
+@dataclass(frozen=True)
+class Sum:
+    value: int
+
+
+@rule
+async def group_sum(group: Group) -> Sum:
+    return Sum(len(group.paths))
+
+
+@rule
+async def super_sum(sg: SuperGroup) -> Sum:
+    parts = await MultiGet(Get(Sum, Group, g) for g in sg.groups)
+    return Sum(sum(s.value for s in parts))
+
+
+@rule
+async def total(everything: Everything) -> Sum:
+    parts = await MultiGet(Get(Sum, SuperGroup, sg) for sg in everything.supers)
+    return Sum(sum(s.value for s in parts))
+
+
+def test_nested_gets_of_one_type_are_served_by_the_rule_consuming_the_input() -> None:
+    # Inside super_sum (reached from total), Everything and SuperGroup are still in scope, so
+    # total and super_sum could run for Get(Sum, Group) too: neither consumes the Group.
+    graph = build(group_sum, super_sum, total, QueryRule(Sum, (Everything,)))
+    root = graph.root(Sum, (Everything,))
+    assert isinstance(root, RuleNode) and root.rule.name == f"{__name__}.total"
+    middle = root.gets[(Sum, SuperGroup)]
+    assert isinstance(middle, RuleNode) and middle.rule.name == f"{__name__}.super_sum"
+    leaf = middle.gets[(Sum, Group)]
+    assert isinstance(leaf, RuleNode) and leaf.rule.name == f"{__name__}.group_sum"
+    assert (root.params, middle.params, leaf.params) == ((Everything,), (SuperGroup,), (Group,))
+    assert len(graph.nodes()) == 3
+
+
+def hierarchy(
+    depth: int, *, opt: bool = False, outer_at_leaf: bool = False, union_at: int | None = None
+) -> tuple[list[Any], list[type], QueryRule]:
+    """`sum_i(level_i) -> Out` Getting `Out` from `level_{i-1}`, i = 0..depth-1; query at the top.
+
+    The query also passes `Y`, which nothing consumes.
+
+    Args:
+        opt: the leaf also takes `Cfg`, a query param (so every level consumes it).
+        outer_at_leaf: the leaf also takes the top level's type, still in scope down there.
+        union_at: the Get of that level goes through a union whose members are the level
+            below and `Other` (served by `other_sum(other: Other) -> Out`).
+    """
+    levels = [type(f"Level{i}", (), {}) for i in range(depth)]
+    items: list[Any] = []
+    for i, level in enumerate(levels):
+        params = [level]
+        if i == 0 and opt:
+            params.append(Cfg)
+        if i == 0 and outer_at_leaf:
+            params.append(levels[-1])
+        gets: list[tuple[type, type]] = []
+        if i > 0 and union_at == i:
+            base = union(type(f"Part{i}", (), {}))
+            other = type("Other", (), {})
+            items += [UnionRule(base, levels[i - 1]), UnionRule(base, other)]
+            items.append(r("other_sum", Out, [other]))
+            gets.append((Out, base))
+        elif i > 0:
+            gets.append((Out, levels[i - 1]))
+        items.append(r(f"sum{i}", Out, params, gets=gets))
+    query = QueryRule(Out, (levels[-1], *([Cfg] if opt else []), Y))
+    return [*items, query], levels, query
+
+
+def assert_levels_chain(
+    graph: RuleGraph, levels: Sequence[type], query: QueryRule, extra: set[type]
+) -> None:
+    """One node per level; `sum_i` Gets `Out` from `sum_{i-1}` and consumes `level_i` + `extra`."""
+    for i, level in enumerate(levels):
+        (node,) = node_of(graph, f"sum{i}")
+        assert set(node.params) == {level} | extra, node
+        for key, target in node.gets.items():
+            targets = target.members.values() if isinstance(target, UnionDispatch) else [target]
+            names = {t.rule.name for t in targets if isinstance(t, RuleNode)}
+            assert names - {"other_sum"} == {f"sum{i - 1}"}, (key, names)
+    root = graph.root(query.output_type, query.param_types)
+    assert isinstance(root, RuleNode) and root.rule.name == f"sum{len(levels) - 1}"
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+@pytest.mark.parametrize(
+    ("opt", "outer_at_leaf"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_hierarchical_aggregation_builds_at_every_depth(
+    depth: int, opt: bool, outer_at_leaf: bool
+) -> None:
+    items, levels, query = hierarchy(depth, opt=opt, outer_at_leaf=outer_at_leaf)
+    extra = ({Cfg} if opt else set()) | ({levels[-1]} if outer_at_leaf else set())
+    assert_levels_chain(build(*items), levels, query, extra)
+    # The solver must not depend on which level it meets first.
+    assert_levels_chain(build(*reversed(items)), levels, query, extra)
+
+
+@pytest.mark.parametrize(("depth", "union_at"), [(2, 1), (3, 1), (3, 2), (4, 2), (5, 1), (5, 4)])
+def test_hierarchical_aggregation_through_a_union_level(depth: int, union_at: int) -> None:
+    items, levels, query = hierarchy(depth, opt=True, union_at=union_at)
+    graph = build(*items)
+    assert_levels_chain(graph, levels, query, {Cfg})
+    (node,) = node_of(graph, f"sum{union_at}")
+    (dispatch,) = node.gets.values()
+    assert isinstance(dispatch, UnionDispatch)
+    served = {m.__name__: t for m, t in dispatch.members.items() if isinstance(t, RuleNode)}
+    assert {member: node.rule.name for member, node in served.items()} == {
+        f"Level{union_at - 1}": f"sum{union_at - 1}",
+        "Other": "other_sum",
+    }
+    (other,) = node_of(graph, "other_sum")
+    assert [t.__name__ for t in other.params] == ["Other"]
+
+
+def test_nested_gets_of_one_type_cost_polynomially_in_depth(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every level's rule can run wherever its level is in scope, and the levels above stay in
+    # scope: exploring the Gets of rules that cannot run opened one scope per subset of the
+    # levels (doubling the work per level). Counted in solver steps, not timed.
+    calls = 0
+    solve = graph_module._Builder.solve
+
+    def counting(self: Any, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return solve(self, *args)
+
+    monkeypatch.setattr(graph_module._Builder, "solve", counting)
+    steps = []
+    for depth in (6, 12):
+        calls = 0
+        items, levels, query = hierarchy(depth, opt=True, union_at=depth // 2)
+        assert_levels_chain(build(*items), levels, query, {Cfg})
+        steps.append(calls)
+    assert steps[1] < 16 * steps[0], steps  # cubic: 8 times the steps for twice the depth
+
+
+def test_hierarchical_aggregation_with_a_recursive_level() -> None:
+    # A directory sums its files and, recursively, its subdirectories; a tree sums its dirs.
+    class File: ...
+
+    class Dir: ...
+
+    class Tree: ...
+
+    graph = build(
+        r("file_sum", Out, [File, Cfg]),
+        r("dir_sum", Out, [Dir], gets=[(Out, Dir), (Out, File)]),
+        r("tree_sum", Out, [Tree], gets=[(Out, Dir)]),
+        QueryRule(Out, (Tree, Cfg)),
+    )
+    (tree,) = node_of(graph, "tree_sum")
+    (dir_node,) = node_of(graph, "dir_sum")
+    (file_node,) = node_of(graph, "file_sum")
+    assert tree.gets[(Out, Dir)] is dir_node
+    assert dir_node.gets == {(Out, Dir): dir_node, (Out, File): file_node}
+    assert (tree.params, dir_node.params, file_node.params) == (
+        (Cfg, Tree),
+        (Cfg, Dir),
+        (Cfg, File),
+    )
+
+
+def test_a_real_ambiguity_in_nested_gets_is_reported_where_it_is() -> None:
+    # Two rules compute Sum from a Group in super_sum's scope: a true ambiguity, reported once,
+    # at the Get, with only those two candidates (not the rules that cannot use the Group).
+    (problem,) = problems_of(
+        r("group_sum", Out, [A]),
+        r("group_sum_too", Out, [A, B]),
+        r("super_sum", Out, [B], gets=[(Out, A)]),
+        r("total", Out, [C], gets=[(Out, B)]),
+        QueryRule(Out, (C,)),
+    )
+    lines = problem.splitlines()
+    assert lines[0].startswith(
+        "Ambiguous: 2 rules can compute `Out` for `Get(Out, A)` in rule `super_sum`"
+    )
+    assert lines[1] == "  Params in scope there: B, C; the Get adds A."
+    assert [line.split("(")[0] for line in lines[3:5]] == ["    - group_sum", "    - group_sum_too"]
+    assert "    -> total(c: C) -> Out" in lines[lines.index("    QueryRule(Out, (C,))") + 1]
+
+
+def test_a_rule_that_cannot_use_the_get_input_is_no_candidate_even_if_ambiguous() -> None:
+    # t_from_a's parameter is ambiguous, but no way of running it consumes G: not a candidate.
+    class G: ...
+
+    graph = build(
+        r("t_from_g", B, [G]),
+        r("t_from_p", B, [P]),
+        r("t_from_a", B, [A]),
+        r("a_one", A, [P]),
+        r("a_two", A, [P]),
+        r("top", Out, [P], gets=[(B, G)]),
+        QueryRule(Out, (P,)),
+    )
+    root = graph.root(Out, (P,))
+    assert isinstance(root, RuleNode)
+    target = root.gets[(B, G)]
+    assert isinstance(target, RuleNode) and target.rule.name == "t_from_g"
 
 
 def test_a_cycle_through_parameters_only_is_an_error() -> None:
@@ -755,7 +982,10 @@ def rule_sets(draw: st.DrawFn, with_gets: bool) -> Case:
     for n in range(count):
         out = draw(type_index)
         params = draw(type_set)
-        gets = draw(st.lists(st.tuples(type_index, get_inputs), max_size=2)) if with_gets else []
+        # Half the Gets ask for the rule's own output type (from other inputs): nested Gets of
+        # one type are how hierarchical aggregation and recursion are written.
+        get_output = st.one_of(st.just(out), type_index)
+        gets = draw(st.lists(st.tuples(get_output, get_inputs), max_size=2)) if with_gets else []
         rules.append(
             r(
                 f"r{n}",
@@ -910,6 +1140,56 @@ def check_preference_without_gets(graph: RuleGraph) -> None:
                     stack.append(dep)
 
 
+AMBIGUITY = re.compile(
+    r"Ambiguous: \d+ rules can compute `(?P<out>\w+)` for .*\n"
+    r"  Params in scope there: (?P<scope>[^;\n]*?)(?:; the Get adds (?P<added>[^\n]*?))?\.\n"
+    r"  Candidates:\n(?P<candidates>(?:    - .*\n)+)"
+)
+
+
+def check_ambiguities_are_real(
+    rules: Sequence[RuleInfo], membership: UnionMembership, problems: Sequence[str]
+) -> None:
+    """Every rule an ambiguity at a Get names could compute the type there from the inputs.
+
+    A rule that cannot consume the Get's inputs in any way is no candidate (rule 1); naming it
+    is a false ambiguity. Checked with the brute-force oracle, applied to a copy of each
+    candidate rule returning a fresh type (so that only that rule provides it). Left out:
+    ambiguities at parameters and queries, and candidates with no finite way at all (a rule
+    needing its own output type as a parameter, with no other rule to start from): the solver
+    counts those optimistically, and the build fails either way.
+    """
+    by_name = {t.__name__: t for t in (*TYPES, UNION_BASE)}
+    by_rule = {info.name: info for info in rules}
+
+    def types_of(names: str | None) -> frozenset[type]:
+        if not names or names == "none":
+            return frozenset()
+        return frozenset(by_name[n] for n in names.split(", "))
+
+    for problem in problems:
+        match = AMBIGUITY.search(problem)
+        if match is None:
+            continue
+        scope, added = types_of(match["scope"]), types_of(match["added"])
+        if not added:
+            continue
+        for line in match["candidates"].splitlines():
+            info = by_rule[line.removeprefix("    - ").split("(", 1)[0]]
+            fresh = type("Candidate", (), {})
+            copy = r(
+                "candidate",
+                fresh,
+                info.parameter_types,
+                gets=[(g.output_type, g.input_types) for g in info.gets],
+            )
+            ways = oracle_ways([*rules, copy], fresh, scope | added, membership)
+            assert not ways or any(added <= way for way in ways), (
+                f"{info.name} named in an ambiguity but it cannot consume {added}:\n{problem}\n"
+                f"rules:\n{describe(rules)}"
+            )
+
+
 def _outcome(case: Case) -> tuple[RuleGraph | None, tuple[str, ...]]:
     rules, unions, queries = case
     with warnings.catch_warnings():
@@ -942,6 +1222,7 @@ def test_random_rule_sets_solve_soundly_or_report_why(case: Case) -> None:
         for problem in problems:
             assert problem.startswith(PROBLEM_STARTS), problem
             assert "Fix:" in problem, problem
+        check_ambiguities_are_real(rules, membership, problems)
         return
     check_solved_graph(graph)
     for query in queries:
@@ -971,6 +1252,82 @@ def test_random_rule_sets_without_gets_match_the_brute_force_oracle(case: Case) 
             assert re.search(r"mbiguous|depends on itself|in a cycle", problem), (
                 f"{problem}\nrules:\n{describe(rules)}"
             )
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A generated hierarchical aggregation (see `aggregations`) and what must come of it."""
+
+    items: list[Any]
+    levels: list[type]
+    queries: list[QueryRule]
+    extra: frozenset[type]  # params every level consumes besides its own
+    recursive: int | None
+    twin: bool
+
+
+@st.composite
+def aggregations(draw: st.DrawFn) -> Aggregation:
+    """`hierarchy` with every option drawn, plus: Gets that skip a level, a level that also
+    Gets from its own type (recursion), a second query at a middle level, a rule order, and
+    maybe a `twin` of the leaf rule, which makes the leaf's Gets truly ambiguous."""
+    depth = draw(st.integers(min_value=2, max_value=5))
+    opt, outer_at_leaf, skip, twin = (draw(st.booleans()) for _ in range(4))
+    union_at = draw(st.one_of(st.none(), st.integers(min_value=1, max_value=depth - 1)))
+    recursive = draw(st.one_of(st.none(), st.integers(min_value=0, max_value=depth - 1)))
+    items, levels, query = hierarchy(depth, opt=opt, outer_at_leaf=outer_at_leaf, union_at=union_at)
+    rules = {info.name: info for info in items if isinstance(info, RuleInfo)}
+    for i in range(depth):
+        info = rules[f"sum{i}"]
+        gets = [(g.output_type, g.input_types) for g in info.gets]
+        if skip and i >= 2:
+            gets.append((Out, (levels[i - 2],)))
+        if recursive == i:
+            gets.append((Out, (levels[i],)))
+        rules[info.name] = r(info.name, Out, info.parameter_types, gets=gets)
+    if twin:
+        rules["twin"] = r("twin", Out, [levels[0]])
+    queries = [query]
+    if not outer_at_leaf and depth > 2:  # the leaf would need the top level there
+        queries.append(QueryRule(Out, (levels[depth // 2], *([Cfg] if opt else []))))
+    others = [item for item in items if not isinstance(item, RuleInfo | QueryRule)]
+    ordered = draw(st.permutations([*rules.values(), *others]))
+    extra = frozenset(([Cfg] if opt else []) + ([levels[-1]] if outer_at_leaf else []))
+    return Aggregation([*ordered, *queries], levels, queries, extra, recursive, twin)
+
+
+@PROPERTY_SETTINGS
+@given(aggregations())
+def test_hierarchical_aggregations_solve_as_expected(case: Aggregation) -> None:
+    if case.twin:
+        problems = problems_of(*case.items)
+        for problem in problems:
+            match = AMBIGUITY.search(problem)
+            assert problem.startswith("Ambiguous: 2 rules") and match is not None, problem
+            names = {line.split("(")[0] for line in match["candidates"].splitlines()}
+            assert names == {"    - sum0", "    - twin"}, problem
+        return
+    graph = build(*case.items)
+    levels = case.levels
+    for i, level in enumerate(levels):
+        (node,) = node_of(graph, f"sum{i}")
+        assert set(node.params) == {level} | case.extra, node
+        for (_out, inputs), target in node.gets.items():
+            if isinstance(target, UnionDispatch):
+                served: Mapping[type, object] = target.members
+            else:
+                assert isinstance(inputs, type)  # every Get here has one input: a level
+                served = {inputs: target}
+            for member, sub in served.items():
+                # A level is served by its own rule; the union's other member by other_sum.
+                expected = f"sum{levels.index(member)}" if member in levels else "other_sum"
+                assert isinstance(sub, RuleNode) and sub.rule.name == expected, (node, sub)
+        if case.recursive == i:
+            assert node.gets[(Out, level)] is node
+    for query in case.queries:
+        root = graph.root(query.output_type, query.param_types)
+        assert isinstance(root, RuleNode)
+        assert root.rule.name == f"sum{levels.index(query.param_types[0])}"
 
 
 def test_oracle_sanity() -> None:

@@ -24,11 +24,17 @@ How the solver stays fast (5,000 rules well under a second):
   consumes the inputs), is a greedy choice: param if in scope, else the single able rule. Only
   when a Get's preferred way ignores its inputs are alternatives enumerated, and then only
   deviations that bring in a required input.
+- A rule whose parameters cannot be provided in a scope is explored no further there: its
+  Gets would open new scopes for nothing (with nested Gets of one type, one per subset of the
+  levels of a hierarchy).
 
 Recursion (a rule reaching its own output type through Gets) is solved optimistically: a
 `(type, scope)` still being solved is referenced through a placeholder, patched when everything
 is solved; params are then completed by a fixpoint, and cycles made only of parameters (which
-could never run) are reported.
+could never run) are reported. A Get met while its preferred way was in progress (hierarchical
+aggregation: `Get(Sum, Group)` inside the rule for `Sum` from a `SuperGroup`, with the outer
+levels' params still in scope) is pointed at that way only once it is known to consume the
+Get's inputs; otherwise the Get is solved again, by rule 1, among the ways that do.
 """
 
 from __future__ import annotations
@@ -407,9 +413,15 @@ class _Builder:
             else:
                 deps.append(dep)
                 consumed |= self.consumed(dep)
+        if problems:
+            # The rule cannot run in this scope whatever its Gets do: solving them would open
+            # the scopes of their subgraphs for nothing. With nested Gets of one type (each
+            # level of a hierarchy Getting from the level below, every level's param staying
+            # in scope), that was one scope per *subset* of the levels: exponential in depth.
+            return _Attempt(info, tuple(problems))
         gets, gets_consumed, get_problems = self._solve_gets(info, scope)
-        if problems or get_problems:
-            return _Attempt(info, (*problems, *get_problems))
+        if get_problems:
+            return _Attempt(info, get_problems)
         return RuleNode(info, tuple(deps), dict(gets), frozenset(consumed | gets_consumed))
 
     def _solve_gets(
@@ -471,41 +483,58 @@ class _Builder:
         # preferred way as little as possible (rule 2).
         ways: list[RuleNode] = []
         attempts: list[_Attempt] = []
+        blocked: list[_Attempt] = []
         for info in self.by_output.get(tp, ()):
-            for way in self._rule_ways(info, scope, requirement):
+            found, blocker = self._rule_ways(info, scope, requirement)
+            for way in found:
                 if isinstance(way, RuleNode):
                     ways.append(way)
                 else:
                     attempts.append(way)
+            if blocker is not None:
+                blocked.append(blocker)
         if len(ways) == 1 and not attempts:
             return ways[0]
         if len(ways) + len(attempts) > 1:
             return _Ambiguous(tp, requirement, (*ways, *attempts))
-        if attempts:
-            return _AllFailed(tp, tuple(attempts))
+        if attempts or blocked:
+            # Rules that would consume the inputs but cannot run here: their problems (an
+            # ambiguous Get below them, say) are the explanation the user needs.
+            return _AllFailed(tp, (*attempts, *blocked))
         if isinstance(preferred, _AllFailed):
             return preferred  # nothing works here at all: its explanation is the useful one
         return _Unconsumed(tp, requirement, preferred)
 
     def _rule_ways(
         self, info: RuleInfo, scope: frozenset[type], requirement: frozenset[type]
-    ) -> list[RuleNode | _Attempt]:
-        """The maximal ways (most params used) to run `info` in `scope` consuming `requirement`."""
+    ) -> tuple[list[RuleNode | _Attempt], _Attempt | None]:
+        """The maximal ways (most params used) to run `info` in `scope` consuming `requirement`.
+
+        Returns the ways (an `_Attempt` for a way blocked by an ambiguous parameter: a
+        candidate that cannot be chosen), and, when the rule would consume `requirement` but
+        its Gets fail on an ambiguity (here or below), that blocked attempt separately: it is
+        no competitor for the ways other rules have (as in `_solve_greedy`), only the reason
+        when no rule has one.
+        """
         greedy = [self.solve(p, scope, _EMPTY) for p in info.parameter_types]
         for dep in greedy:
             if isinstance(dep, _Failure) and not isinstance(dep, _Ambiguous):
-                return []  # the rule cannot run here at all
+                return [], None  # the rule cannot run here at all
         gets, gets_consumed, get_problems = self._solve_gets(info, scope)
-        if get_problems:
-            return []
+        if get_problems and not all(_is_choice(f) for _s, f in get_problems):
+            return [], None
         remaining = requirement - gets_consumed
         base_cover = [
             None if isinstance(d, _Failure) else self.consumed(d) & remaining for d in greedy
         ]
         forced = [i for i, c in enumerate(base_cover) if c is None]
-        if not forced and remaining <= frozenset().union(*(c for c in base_cover if c)):
+        if (
+            not forced
+            and not get_problems
+            and remaining <= frozenset().union(*(c for c in base_cover if c))
+        ):
             consumed = frozenset().union(*(self.consumed(d) for d in greedy)) | gets_consumed
-            return [RuleNode(info, tuple(greedy), dict(gets), consumed)]
+            return [RuleNode(info, tuple(greedy), dict(gets), consumed)], None
         # Per parameter: the alternatives that consume some of the remaining inputs.
         subsets = _subsets(remaining)
         options: list[list[tuple[Any, frozenset[type]]]] = []
@@ -525,8 +554,8 @@ class _Builder:
                     opts.append((alt, subset))
             options.append(opts)
         candidates = [i for i, opts in enumerate(options) if opts]
-        reachable = set(gets_consumed)
-        for i, c in enumerate(base_cover):
+        reachable: set[type] = set()
+        for c in base_cover:
             if c:
                 reachable |= c
         for opts in options:
@@ -534,8 +563,10 @@ class _Builder:
                 reachable |= c
         if not remaining <= reachable:
             # No way of running this rule here consumes the inputs (rule 1): it is not a
-            # candidate at all, even if one of its parameters is ambiguous here.
-            return []
+            # candidate at all, even if one of its parameters or Gets is ambiguous here.
+            return [], None
+        if get_problems:
+            return [], _Attempt(info, get_problems)
         stuck = [i for i in forced if i not in candidates]
         if stuck:
             # A parameter is ambiguous here, no way that uses the inputs resolves it, and the
@@ -548,7 +579,7 @@ class _Builder:
                         for i in stuck
                     ),
                 )
-            ]
+            ], None
         combos: list[dict[int, tuple[Any, frozenset[type]]]] = []
         budget = _MAX_COMBINATIONS
         free = [i for i in candidates if i not in forced]
@@ -593,7 +624,7 @@ class _Builder:
             deps = tuple(combo[i][0] if i in combo else greedy[i] for i in range(len(greedy)))
             consumed = frozenset().union(*(self.consumed(d) for d in deps)) | gets_consumed
             result.append(RuleNode(info, deps, dict(gets), consumed))
-        return result
+        return result, None
 
     def _combo_dominates(
         self, a: dict[int, tuple[Any, frozenset[type]]], b: dict[int, tuple[Any, frozenset[type]]]
@@ -1226,9 +1257,16 @@ class _Solution:
         if seen_key in self._seen_problems:
             return
         self._seen_problems.add(seen_key)
-        if isinstance(failure, _AllFailed) and len(failure.attempts) == 1:
+        attempts = failure.attempts if isinstance(failure, _AllFailed) else ()
+        if len(attempts) > 1:
+            # Only one rule fails on a choice (an ambiguity or cycle below it) rather than on
+            # something missing here: that is the rule meant to be used.
+            chosen = [a for a in attempts if _fails_on_choices(a)]
+            if len(chosen) == 1:
+                attempts = tuple(chosen)
+        if len(attempts) == 1:
             # One rule could have provided it: the problem is further down, in that rule.
-            (attempt,) = failure.attempts
+            (attempt,) = attempts
             step = [*chain, (site, attempt.rule)]
             for sub_site, sub_failure in attempt.problems:
                 self._explain(sub_site, sub_failure, step)
@@ -1248,6 +1286,22 @@ class _Solution:
                 for sub_attempt in sub_failure.attempts:
                     step = [*chain, (sub_site, sub_attempt.rule)]
                     self._explain_choices(sub_attempt, step, depth + 1)
+
+
+def _fails_on_choices(attempt: _Attempt, depth: int = 0) -> bool:
+    """Whether all that stops `attempt` is ambiguities or cycles (nothing it needs is missing)."""
+    return all(_is_choice(failure, depth) for _site, failure in attempt.problems)
+
+
+def _is_choice(failure: _Failure, depth: int = 0) -> bool:
+    """Whether `failure` comes from an ambiguity or cycle, not from something missing."""
+    if isinstance(failure, _Ambiguous | _CycleFailure):
+        return True
+    return (
+        isinstance(failure, _AllFailed)
+        and depth < 8
+        and any(_fails_on_choices(a, depth + 1) for a in failure.attempts)
+    )
 
 
 def _edges(node: RuleNode) -> Iterator[tuple[_Site, Any]]:
