@@ -1146,10 +1146,13 @@ def _relaxed_gc() -> typing.Iterator[None]:
         yield
     finally:
         _gc_sessions -= 1
-        if _gc_sessions == 0 and _gc_saved_threshold[0]:
-            # Unless the application changed them meanwhile.
-            if gc.get_threshold() == _gc_session_threshold:
-                gc.set_threshold(*_gc_saved_threshold)
+        # Unless the application changed them meanwhile.
+        if (
+            _gc_sessions == 0
+            and _gc_saved_threshold[0]
+            and gc.get_threshold() == _gc_session_threshold
+        ):
+            gc.set_threshold(*_gc_saved_threshold)
 
 
 def unwrap_single(error: BaseException) -> BaseException:
