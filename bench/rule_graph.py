@@ -40,7 +40,9 @@ def generate(n_rules: int) -> str:
 
     Group kinds, in turn: a chain of 9 rules; diamonds (6 rules); a rule whose Gets' subgraph
     consumes the Get's input and a query param (3 rules); a union with 3 members dispatched by
-    a Get (4 rules). Each group has a top rule that also takes the tops of groups 2g+1 and
+    a Get (4 rules); a 5-level aggregation in which every level Gets the same output type from
+    the next finer input (6 rules: the hardest shape for the solver, since the params of every
+    level stay in scope below it). Each group has a top rule that also takes the tops of groups 2g+1 and
     2g+2, so that one query reaches everything and the graph is ~log N groups deep.
     """
     groups: list[list[str]] = []
@@ -48,7 +50,7 @@ def generate(n_rules: int) -> str:
     g = 0
     while count < n_rules:
         body = [f"class Top{g}: pass"]
-        kind = g % 4
+        kind = g % 5
         if kind == 0:  # a chain
             for j in range(9):
                 prev = "p: P" if j == 0 else f"x: C{g}_{j - 1}"
@@ -77,6 +79,19 @@ def generate(n_rules: int) -> str:
                 f"    a, b = await MultiGet(Get(GR{g}, GI{g}()), Get(GR{g}, GI{g}, GI{g}()))\n"
                 f"    return GT{g}()",
             ]
+        elif kind == 4:  # a hierarchical aggregation: every level produces HS{g}
+            body.append(f"class HS{g}: pass\nclass HT{g}: pass")
+            body += [f"class H{g}_{k}: pass" for k in range(5)]
+            body.append(f"@rule\nasync def h{g}_0(x: H{g}_0) -> HS{g}:\n    return HS{g}()")
+            for k in range(1, 5):
+                body.append(
+                    f"@rule\nasync def h{g}_{k}(x: H{g}_{k}) -> HS{g}:\n"
+                    f"    return await Get(HS{g}, H{g}_{k - 1}, H{g}_{k - 1}())"
+                )
+            body.append(
+                f"@rule\nasync def ht{g}(p: P) -> HT{g}:\n"
+                f"    await Get(HS{g}, H{g}_4, H{g}_4())\n    return HT{g}()"
+            )
         else:  # a union
             body.append(f"@union\nclass U{g}: pass\nclass UR{g}: pass\nclass UT{g}: pass")
             for k in range(3):
@@ -107,7 +122,7 @@ def generate(n_rules: int) -> str:
 
 
 def _last_type(g: int) -> str:
-    return [f"C{g}_8", f"DF{g}", f"GT{g}", f"UT{g}"][g % 4]
+    return [f"C{g}_8", f"DF{g}", f"GT{g}", f"UT{g}", f"HT{g}"][g % 5]
 
 
 def load(n_rules: int) -> tuple[types.ModuleType, float]:
