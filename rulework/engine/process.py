@@ -627,6 +627,7 @@ class ProcessRunner:
         self._open_locks: dict[str, trio.Lock] = {}
         self._identities: dict[str, str] = {}
         self._stats: dict[str, int] = dict.fromkeys(ProcessRunnerStatistics.__dataclass_fields__, 0)
+        self._background: trio.Nursery | None = None
 
     def _environment_names(self) -> str:
         return ", ".join(sorted(self._executors)) or "(none)"
@@ -713,8 +714,20 @@ class ProcessRunner:
         self._stats["ran"] += 1
         result = self._to_result(process, executed, environment)
         if cache is not None and self._should_persist(process, result):
-            await self._persist(cache, key, result, executed)
+            if self._background is not None:
+                self._background.start_soon(self._persist, cache, key, result, executed)
+            else:
+                await self._persist(cache, key, result, executed)
         return result
+
+    def write_in_background(self, nursery: trio.Nursery) -> None:
+        """Write process cache entries from tasks in `nursery` instead of before `run` returns.
+
+        The result does not wait for the entry to be committed, and entries written close
+        together share a transaction. The owner waits for the nursery before closing the
+        cache, so a session that ends normally has written every entry.
+        """
+        self._background = nursery
 
     async def run_checked(self, process: Process) -> ProcessResult:
         """Run `process` (or serve it from cache) and require exit code 0.

@@ -130,6 +130,8 @@ async def open_services(
         executors = create_executors(config.environments)
         runner = ProcessRunner(executors, environment, store, layer, salt=config.cache.salt)
         stack.push_async_callback(_close_shielded, runner)
+        # Closed first (the stack unwinds in reverse): waits for the cache writes in flight.
+        runner.write_in_background(await stack.enter_async_context(trio.open_nursery()))
         yield Services(config, root, store, layer, runner)
 
 
