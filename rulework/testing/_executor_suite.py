@@ -57,7 +57,8 @@ _SAFETY_SECONDS = 60.0
 def _local_pid_is_running(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # Gone before the open, or (ESRCH) between the open and the read.
         return False
     # The state follows the parenthesized command name; a zombie has exited already (its
     # parent, maybe an init that never reaps, has just not collected it).

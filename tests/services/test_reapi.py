@@ -279,12 +279,14 @@ async def test_cancellation_cancels_the_remote_command(reapi_server: CasdServer)
             )
         assert scope.cancelled_caught
 
+        def cmdline(pid: int) -> bytes:
+            try:
+                return Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # it exited between the listing and the read
+                return b""
+
         def sleepers() -> list[int]:
-            return [
-                pid
-                for pid in _innermost_pids(reapi_server.pid)
-                if b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            ]
+            return [pid for pid in _innermost_pids(reapi_server.pid) if b"sleep" in cmdline(pid)]
 
         with trio.fail_after(30):
             while sleepers():  # noqa: ASYNC110 - nothing to wait on but the server's processes
