@@ -554,6 +554,62 @@ async def test_access_times_are_flushed_on_close(tmp_path: Path) -> None:
     assert atime > time.time() - 60
 
 
+async def test_concurrent_lookups_are_answered_by_one_statement(
+    cache: SqliteCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rulework.backends import sqlite as sqlite_module
+
+    for i in range(0, 60, 2):  # even keys exist, odd ones do not
+        await cache.put_action(f"k{i}", f"v{i}".encode())
+    statements: list[int] = []
+    real = sqlite_module._get_actions_sync
+
+    def counting(con: sqlite3.Connection, keys: Any) -> Any:
+        statements.append(len(keys))
+        return real(con, keys)
+
+    monkeypatch.setattr(sqlite_module, "_get_actions_sync", counting)
+    found: dict[str, bytes | None] = {}
+
+    async def look(key: str) -> None:
+        found[key] = await cache.get_action(key)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(60):
+            nursery.start_soon(look, f"k{i}")
+    assert found == {f"k{i}": (f"v{i}".encode() if i % 2 == 0 else None) for i in range(60)}
+    assert statements == [60]  # one round, one statement
+    assert cache.statistics().action_hits == 30
+    assert cache.statistics().action_misses == 30
+    # A lookup on its own still works, in a round of one.
+    assert await cache.get_action("k2") == b"v2"
+    assert statements == [60, 1]
+
+
+async def test_a_cancelled_first_lookup_does_not_strand_the_others(cache: SqliteCache) -> None:
+    await cache.put_action("a", b"1")
+    await cache.put_action("b", b"2")
+    results: dict[str, bytes | None] = {}
+    first_scope = trio.CancelScope()
+
+    async def first() -> None:
+        with first_scope:
+            results["a"] = await cache.get_action("a")
+
+    async def look(key: str) -> None:
+        results[key] = await cache.get_action(key)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            # The first lookup of the round is cancelled at the round's checkpoint.
+            first_scope.cancel()
+            nursery.start_soon(first)
+            nursery.start_soon(look, "b")
+            nursery.start_soon(look, "a")
+    assert results == {"a": b"1", "b": b"2"}  # the cancelled lookup set nothing
+    assert first_scope.cancelled_caught
+
+
 async def test_small_reads_take_the_event_loop_fast_path(
     cache: SqliteCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:

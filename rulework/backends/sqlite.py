@@ -286,6 +286,16 @@ class _WriteOp:
     """Its caller was cancelled while it was in a transaction attempt: never retry it."""
 
 
+@dataclass(slots=True, eq=False)
+class _GetBatch:
+    """Action lookups started in one scheduling round, answered by one statement."""
+
+    keys: list[str]
+    done: trio.Event = field(default_factory=trio.Event)
+    # None: not answered together (each caller reads on its own).
+    rows: dict[str, tuple[bytes, int]] | None = None
+
+
 class SqliteCache:
     """A persistent `CacheBackend` in one directory, shared safely by concurrent processes.
 
@@ -367,6 +377,8 @@ class SqliteCache:
         self._writer_thread: threading.Thread | None = None
         # Access times to record, batched. Mutated on the event-loop thread only; each write
         # takes the whole dicts along into its transaction (`_take_touches`).
+        # The round of action lookups being gathered (see `_get_action_row`), if any.
+        self._get_batch: _GetBatch | None = None
         self._touch_actions: dict[str, int] = {}
         self._touch_blobs: dict[bytes, int] = {}
         self._touches_since = 0.0
@@ -809,7 +821,7 @@ class SqliteCache:
         """The value stored under `key`, or None."""
         if self._loop_reader is None:
             await self._ensure_open()
-        row = await self._read(lambda con: _get_action_sync(con, key), small=True)
+        row = await self._get_action_row(key)
         if row is None:
             self._counters.action_misses += 1
             return None
@@ -821,6 +833,39 @@ class SqliteCache:
         if self._touch_actions or self._touch_blobs:
             await self._maybe_flush_touches()
         return value
+
+    async def _get_action_row(self, key: str) -> tuple[bytes, int] | None:
+        """Look `key` up together with the lookups other tasks start in the same scheduling
+        round: one `SELECT ... IN (...)` answers them all (a statement costs far more than a
+        row). The first caller of a round waits one checkpoint for the others, then reads for
+        everyone on the event-loop fast path; if that is not possible (busy database, fast
+        path off, the first caller cancelled) each caller reads on its own."""
+        if not self.config.loop_thread_reads:
+            return await self._read(lambda con: _get_action_sync(con, key), small=True)
+        batch = self._get_batch
+        if batch is not None:
+            batch.keys.append(key)
+            await batch.done.wait()
+            if batch.rows is not None:
+                return batch.rows.get(key)
+            return await self._read(lambda con: _get_action_sync(con, key), small=True)
+        batch = self._get_batch = _GetBatch([key])
+        try:
+            await trio.lowlevel.checkpoint()  # the round in which the others join
+        finally:
+            self._get_batch = None
+            reader = self._loop_reader
+            if reader is not None:
+                try:
+                    batch.rows = _get_actions_sync(reader, batch.keys)
+                except sqlite3.Error as exc:
+                    if not _is_busy(exc):
+                        batch.done.set()
+                        raise self._database_error("reading", exc) from exc
+            batch.done.set()
+        if batch.rows is not None:
+            return batch.rows.get(key)
+        return await self._read(lambda con: _get_action_sync(con, key), small=True)
 
     async def put_action(self, key: str, value: bytes) -> None:
         """Store `value` under `key` (replacing any older value); returns once committed."""
@@ -1322,6 +1367,23 @@ def _busy_guard(con: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T])
 def _total_bytes_sync(con: sqlite3.Connection) -> int:
     row = con.execute("SELECT value FROM meta WHERE name = 'total_bytes'").fetchone()
     return int(row[0]) if row else 0
+
+
+# SQLite's default limit on the parameters of one statement is 32,766; stay well below.
+_KEYS_PER_SELECT = 500
+
+
+def _get_actions_sync(con: sqlite3.Connection, keys: Sequence[str]) -> dict[str, tuple[bytes, int]]:
+    found: dict[str, tuple[bytes, int]] = {}
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), _KEYS_PER_SELECT):
+        chunk = unique[start : start + _KEYS_PER_SELECT]
+        marks = ",".join("?" * len(chunk))
+        for key, value, atime in con.execute(
+            f"SELECT key, value, atime FROM actions WHERE key IN ({marks})", chunk
+        ):
+            found[key] = (value, atime)
+    return found
 
 
 def _get_action_sync(con: sqlite3.Connection, key: str) -> tuple[bytes, int] | None:
