@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -925,3 +926,31 @@ async def test_rich_values_come_back_from_the_cache_exactly(modules: Modules) ->
         assert again == first
         assert type(again.counts) is type(first.counts)
         assert [type(i.weight) for i in again.items] == [float] * n
+
+
+async def test_a_persisted_hit_on_an_orphaned_node_completes_unobserved(tmp_path: Path) -> None:
+    """Hits are looked up outside the node's cancel scope: a requester that gives up while
+    the lookup runs must not break the session, and a later request is still served."""
+    from rulework import Engine, QueryRule, rule
+
+    @dataclass(frozen=True)
+    class Orphan:
+        n: int
+
+    @dataclass(frozen=True)
+    class Kept:
+        n: int
+
+    @rule(persist=True)
+    async def keep(o: Orphan) -> Kept:
+        return Kept(o.n * 2)
+
+    engine = Engine(
+        [keep, QueryRule(Kept, (Orphan,))], config={"cache": {"dir": str(tmp_path / "c")}}
+    )
+    assert engine.run(Kept, Orphan(4)) == Kept(8)  # stored
+    async with engine.session() as session:
+        with trio.move_on_after(0):  # the requester gives up at once
+            await session.get(Kept, Orphan(4))
+        assert await session.get(Kept, Orphan(4)) == Kept(8)
+        assert session.statistics().cache_hits.get("local_cache", 0) >= 1

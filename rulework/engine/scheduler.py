@@ -851,6 +851,23 @@ class Session:
         cache: str | None = None
         refreshing = node.verified_at >= 0
         try:
+            persist = compiled.persist
+            if persist is not None and not refreshing:
+                # A persisted value is looked up before entering the node's cancel scope:
+                # entering and leaving one is a good part of a cache hit's cost, and the lookup
+                # is short (an orphan that is cancelled meanwhile just completes unobserved).
+                try:
+                    hit = await persist.load(node)
+                except Exception as exc:
+                    outcome = "failure"
+                    self._fail(node, exc)
+                    return
+                if hit is not None:
+                    value, cache = hit
+                    self.record_cache_hit(cache)
+                    outcome = "success"
+                    self._complete(node, value)
+                    return
             with node.scope:  # type: ignore[union-attr]
                 try:
                     if refreshing and await self._inputs_unchanged(node):
@@ -859,8 +876,7 @@ class Session:
                         self._restore(node)
                         return
                     node.deps = None
-                    persist = compiled.persist
-                    hit = None if persist is None else await persist.load(node)
+                    hit = None if persist is None or not refreshing else await persist.load(node)
                     if hit is not None:
                         value, cache = hit
                         self.record_cache_hit(cache)
