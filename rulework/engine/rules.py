@@ -673,26 +673,17 @@ class RuleInfo:
     @property
     def output_type(self) -> type:
         """The rule's return annotation."""
-        parts = self._parts
-        if not parts.done:
-            self.resolve()
-        return parts.output_type  # type: ignore[return-value]
+        return self._resolved().output_type  # type: ignore[return-value]
 
     @property
     def parameter_types(self) -> tuple[type, ...]:
         """The parameters' annotations, in signature order."""
-        parts = self._parts
-        if not parts.done:
-            self.resolve()
-        return parts.parameter_types  # type: ignore[return-value]
+        return self._resolved().parameter_types  # type: ignore[return-value]
 
     @property
     def gets(self) -> tuple[GetSpec, ...]:
         """The Gets the rule may await: its own in source order, then its @rule_helpers'."""
-        parts = self._parts
-        if not parts.done:
-            self.resolve()
-        return parts.gets  # type: ignore[return-value]
+        return self._resolved().gets  # type: ignore[return-value]
 
     @property
     def gets_by_key(self) -> Mapping[GetKey, GetSpec]:
@@ -705,6 +696,13 @@ class RuleInfo:
                 found.setdefault(spec.key, spec)
             parts.gets_by_key = found
         return found
+
+    def _resolved(self) -> _RuleParts:
+        """The parts, resolving annotations and Gets first if that has not happened yet."""
+        parts = self._parts
+        if not parts.done:
+            self.resolve()
+        return parts
 
     @property
     def is_resolved(self) -> bool:
