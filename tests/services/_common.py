@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import NoReturn, Protocol, TypeVar
 
 import pytest
 
@@ -42,3 +44,42 @@ def unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: service tests must run in CI, not skip)")
     pytest.skip(reason)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server by PID: resume it if frozen, SIGTERM, then SIGKILL if it lingers; reap."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGCONT)  # a frozen process cannot handle SIGTERM
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Stoppable)
+
+
+@contextlib.contextmanager
+def private_servers(start: Callable[[], _S]) -> Iterator[Callable[[], _S]]:
+    """For a test that stops, kills or freezes servers: `start()` makes one; all are stopped
+    on the way out (never the session's shared one)."""
+    servers: list[_S] = []
+
+    def launch() -> _S:
+        server = start()
+        servers.append(server)
+        return server
+
+    try:
+        yield launch
+    finally:
+        for server in servers:
+            server.stop()

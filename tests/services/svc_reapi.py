@@ -13,10 +13,8 @@ test may stop or kill (never the shared one). Both are stopped by PID.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from ._common import free_port, unavailable, wait_until_listening
+from ._common import free_port, private_servers, stop_process, unavailable, wait_until_listening
 
 _START_TIMEOUT = 60.0  # a safety net: casd starts in a fraction of a second
 
@@ -94,14 +92,7 @@ class CasdServer:
         if self._stopped:
             return
         self._stopped = True
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 def start_casd(work_dir: Path, *, jobs: int = 4) -> CasdServer:
@@ -160,20 +151,8 @@ def reapi_server_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[[], CasdServer]]:
     """Start private buildbox-casd servers that the test may stop; all are stopped at the end."""
-    servers: list[CasdServer] = []
-
-    def start() -> CasdServer:
-        server = start_casd(tmp_path_factory.mktemp("reapi-private"))
-        servers.append(server)
-        return server
-
-    try:
+    with private_servers(lambda: start_casd(tmp_path_factory.mktemp("reapi-private"))) as start:
         yield start
-    finally:
-        for server in servers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server.pid, signal.SIGCONT)
-            server.stop()
 
 
 __all__ = ["CasdServer", "reapi_server", "reapi_server_factory", "start_casd"]

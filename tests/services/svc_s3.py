@@ -17,7 +17,6 @@ moto does not check signatures unless told to (see `s3_auth_server`), but it doe
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from ._common import free_port, unavailable, wait_until_listening
+from ._common import free_port, private_servers, stop_process, unavailable, wait_until_listening
 
 # Dummy credentials: moto accepts any key unless auth is switched on. Never real ones.
 DUMMY_ACCESS_KEY = "AKIARULEWORKTESTKEY0"
@@ -125,16 +124,7 @@ class MotoServer:
         if self._stopped:
             return
         self._stopped = True
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGCONT)  # a frozen process cannot handle SIGTERM
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
     def boto3_client(self, **credentials: str) -> Any:
         """A boto3 S3 client for setting up and inspecting state independently of rulework."""
@@ -206,18 +196,10 @@ def s3_server_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[[], MotoServer]]:
     """Starts private moto servers for one test (to kill or freeze); all stopped afterwards."""
-    servers: list[MotoServer] = []
-
-    def start() -> MotoServer:
-        server = start_moto_server(tmp_path_factory.mktemp("moto-private"))
-        servers.append(server)
-        return server
-
-    try:
+    with private_servers(
+        lambda: start_moto_server(tmp_path_factory.mktemp("moto-private"))
+    ) as start:
         yield start
-    finally:
-        for server in servers:
-            server.stop()
 
 
 @pytest.fixture
