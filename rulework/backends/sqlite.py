@@ -79,10 +79,12 @@ _BATCH_MAX_OPERATIONS = 1024
 _BATCH_MAX_BYTES = 16 * 1024 * _KiB
 # SQLite's automatic checkpoint (after 1000 WAL pages by default) runs inside the COMMIT that
 # crosses the threshold and fsyncs twice: measured here, one commit in ~250 took 5-20 ms,
-# which was half the average cost of a write. It is off; the writer thread runs a PASSIVE
-# checkpoint itself after about this many pages (estimated from what it wrote), once the
-# batch's callers have their answers.
+# which was half the average cost of a write. It is off; the writer thread asks the
+# checkpointer thread for a PASSIVE checkpoint after about this many pages (estimated from
+# what it wrote), once the batch's callers have their answers...
 _CHECKPOINT_AFTER_PAGES = 1000
+# ... and checkpoints itself once this many pages were written without a complete checkpoint.
+_CHECKPOINT_INLINE_AFTER_PAGES = 16 * _CHECKPOINT_AFTER_PAGES
 _PAGE_BYTES = 4096
 
 
@@ -208,7 +210,8 @@ class SqliteWriteStatistics:
     busy_retries: int = 0
     """Attempts that found the write lock held by another process (or connection)."""
     checkpoints: int = 0
-    """WAL checkpoints run by the writer thread."""
+    """WAL checkpoints run (by the checkpointer thread, or by the writer when the WAL outgrew
+    what the checkpointer kept up with)."""
 
 
 class _BusyError(Exception):
@@ -334,8 +337,12 @@ class SqliteCache:
     ext4 file system such writes were measured to block for 10-90 ms whenever the file
     system's journal commits (checkpoints, any process's fsync; p99.9 of 10 ms with no fsync
     of ours at all), which would freeze the whole engine. Reads do not wait on the journal.
-    SQLite's own automatic checkpoint is off: the writer checkpoints (PASSIVE) after answering
-    a batch, not inside a COMMIT that callers are waiting for.
+    SQLite's own automatic checkpoint is off: a checkpointer thread, on its own connection,
+    runs PASSIVE checkpoints when the writer has written enough, so that neither a COMMIT that
+    callers wait for nor the next batch waits for a checkpoint's copying and fsyncs (measured:
+    a 10,000-file snapshot's writes went from 0.36 s to 0.19 s). WAL readers and the writer
+    run alongside a PASSIVE checkpoint; if writes ever outrun it, the writer checkpoints
+    itself once the WAL holds several times the threshold, which bounds the WAL file.
 
     Threads and connections. Three connections: the writer thread's, a reader for the larger
     reads (in worker threads, behind a trio Lock; WAL readers never wait for writers), and the
@@ -375,6 +382,13 @@ class SqliteCache:
         self._queue: collections.deque[_WriteOp] = collections.deque()
         self._stopping = False  # set (under _cond) when the writer thread is to exit
         self._writer_thread: threading.Thread | None = None
+        # The checkpointer thread and its connection. It waits on _checkpoint_cond (its own, so
+        # that a notify meant for the writer never wakes only the checkpointer) for
+        # _checkpoint_wanted, or _stopping.
+        self._checkpoint_cond = threading.Condition(threading.Lock())
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpointer_thread: threading.Thread | None = None
+        self._checkpoint_wanted = False
         # Access times to record, batched. Mutated on the event-loop thread only; each write
         # takes the whole dicts along into its transaction (`_take_touches`).
         # The round of action lookups being gathered (see `_get_action_row`), if any.
@@ -384,7 +398,8 @@ class SqliteCache:
         self._touches_since = 0.0
         # Written by the writer thread only.
         self._write_stats = dict.fromkeys(SqliteWriteStatistics.__slots__, 0)
-        self._wal_pages = 0  # WAL pages written since the last checkpoint (an estimate)
+        self._wal_pages = 0  # WAL pages written since the last checkpoint request (an estimate)
+        self._wal_pages_unchecked = 0  # ... since the last checkpoint known to have finished
 
     # -- opening and closing -------------------------------------------------------------------
 
@@ -417,6 +432,14 @@ class SqliteCache:
                 )
                 thread.start()
                 self._writer_thread = thread
+                checkpointer = threading.Thread(
+                    target=self._checkpointer_main,
+                    args=(self._checkpointer,),
+                    name=f"rulework sqlite checkpointer ({self.directory})",
+                    daemon=True,
+                )
+                checkpointer.start()
+                self._checkpointer_thread = checkpointer
 
     def _connect(self, *, busy_timeout_ms: int, read_only: bool) -> sqlite3.Connection:
         con = sqlite3.connect(
@@ -481,6 +504,8 @@ class SqliteCache:
             reader = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS, read_only=True)
             opened.append(reader)
             loop_reader = self._connect(busy_timeout_ms=0, read_only=True)
+            opened.append(loop_reader)
+            checkpointer = self._connect(busy_timeout_ms=_THREAD_BUSY_TIMEOUT_MS, read_only=False)
         except BaseException as exc:
             _close_all(opened)
             if isinstance(exc, sqlite3.Error):
@@ -489,6 +514,7 @@ class SqliteCache:
                 raise self._database_error("opening", exc) from exc
             raise
         self._writer, self._reader, self._loop_reader = writer, reader, loop_reader
+        self._checkpointer = checkpointer
 
     async def aclose(self) -> None:
         """Flush access times, GC within a small budget if over `max_bytes`, close. Idempotent."""
@@ -518,12 +544,14 @@ class SqliteCache:
             with self._cond:
                 self._stopping = True
                 self._cond.notify()
-            thread = self._writer_thread
-            if thread is not None:
-                await trio.to_thread.run_sync(thread.join)
+            with self._checkpoint_cond:
+                self._checkpoint_cond.notify()
+            for thread in (self._writer_thread, self._checkpointer_thread):
+                if thread is not None:
+                    await trio.to_thread.run_sync(thread.join)
             async with self._read_lock:
-                connections = (self._writer, self._reader, self._loop_reader)
-                self._writer = self._reader = self._loop_reader = None
+                connections = (self._writer, self._reader, self._loop_reader, self._checkpointer)
+                self._writer = self._reader = self._loop_reader = self._checkpointer = None
                 await trio.to_thread.run_sync(_close_all, connections)
 
     async def _ensure_open(self) -> None:
@@ -713,13 +741,31 @@ class SqliteCache:
                 self._queue.extendleft(reversed(requeued))
         self._deliver(finished)
         if self._wal_pages >= _CHECKPOINT_AFTER_PAGES:
+            self._wal_pages_unchecked += self._wal_pages
             self._wal_pages = 0
-            try:
-                con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                stats["checkpoints"] += 1
-            except sqlite3.Error as exc:
-                # Nothing is lost: the WAL keeps the data and the next checkpoint retries.
-                logger.debug("Checkpoint of %s failed: %s", self.database_path, exc)
+            if self._wal_pages_unchecked >= _CHECKPOINT_INLINE_AFTER_PAGES:
+                # Writes outran the checkpointer: checkpoint here, which bounds the WAL.
+                self._wal_pages_unchecked = 0
+                _checkpoint(con, self.database_path, stats)
+            else:
+                with self._checkpoint_cond:
+                    self._checkpoint_wanted = True
+                    self._checkpoint_cond.notify()
+
+    def _checkpointer_main(self, con: sqlite3.Connection) -> None:
+        """The checkpointer thread: a PASSIVE checkpoint whenever the writer asks, until told
+        to stop (a checkpoint in progress then finishes first)."""
+        cond = self._checkpoint_cond
+        while True:
+            with cond:
+                while not self._checkpoint_wanted and not self._stopping:
+                    cond.wait()
+                if not self._checkpoint_wanted:
+                    return
+                self._checkpoint_wanted = False
+            if _checkpoint(con, self.database_path, self._write_stats):
+                # Read without the lock by the writer: a stale value only delays its fallback.
+                self._wal_pages_unchecked = 0
 
     def _deliver(self, ops: list[_WriteOp], error: BaseException | None = None) -> None:
         """In the writer thread: mark `ops` done and wake their callers, one hand-off per run."""
@@ -1347,6 +1393,18 @@ def _commit_sync(
     return results, False
 
 
+def _checkpoint(con: sqlite3.Connection, path: Path, stats: dict[str, int]) -> bool:
+    """Run a PASSIVE checkpoint; True if it copied every frame of the WAL back."""
+    try:
+        busy, log, done = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error as exc:
+        # Nothing is lost: the WAL keeps the data and the next checkpoint retries.
+        logger.debug("Checkpoint of %s failed: %s", path, exc)
+        return False
+    stats["checkpoints"] += 1
+    return not busy and log == done
+
+
 class _LockTimeout(Exception):
     """Marks an operation that waited for another process's lock past its deadline."""
 
@@ -1448,20 +1506,30 @@ def _insert_blobs_sync(
     con: sqlite3.Connection, tx: _Tx, rows: Sequence[tuple[bytes, int, bytes | None]]
 ) -> int:
     """Insert blob rows; those already present only get a fresh access time. Returns the
-    bytes newly added."""
+    bytes newly added.
+
+    One lookup per chunk and `executemany` for the rest: the loop over rows then runs in C,
+    which matters because this runs while the event loop and readers want the GIL (a Python
+    loop of one `execute` per row made a 10,000-blob write 2x slower)."""
     now = tx.now
     added = 0
-    for hash_, size, data in rows:
-        cursor = con.execute(
-            "INSERT OR IGNORE INTO blobs (hash, size, atime, data) VALUES (?, ?, ?, ?)",
-            (hash_, size, now, data),
-        )
-        if cursor.rowcount == 1:
-            added += size
-        else:
+    for chunk in _chunks(rows):
+        hashes = [hash_ for hash_, _, _ in chunk]
+        held = dict(
             con.execute(
-                "UPDATE blobs SET atime = ? WHERE hash = ? AND atime < ?", (now, hash_, now)
+                f"SELECT hash, atime FROM blobs WHERE hash IN ({_placeholders(len(hashes))})",
+                hashes,
+            ).fetchall()
+        )
+        new = {hash_: (hash_, size, now, data) for hash_, size, data in chunk if hash_ not in held}
+        if new:
+            con.executemany(
+                "INSERT INTO blobs (hash, size, atime, data) VALUES (?, ?, ?, ?)", new.values()
             )
+            added += sum(row[1] for row in new.values())
+        stale = [(now, hash_) for hash_, atime in held.items() if atime < now]
+        if stale:
+            con.executemany("UPDATE blobs SET atime = ? WHERE hash = ?", stale)
     tx.total_delta += added
     return added
 
