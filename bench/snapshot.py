@@ -1,35 +1,43 @@
 """Benchmark `Store.snapshot` against hashing the same files with plain BLAKE3 in a loop.
 
 Two generated trees (in a temporary directory, removed afterwards): `small` (10,000 files of
-1-4 KiB in 100 directories) and `large` (20 files of 50 MB). For each, one line per figure:
+1-4 KiB in 100 directories) and `large` (20 files of 50 MB); two blob stores under the Store:
+`sqlite`, the engine's default local store (the sqlite cache backend: small blobs inside its
+database, large ones as files), and `files`, a `FileBlobStore` (one file per blob). For each
+tree, one baseline line, then per store:
 
     snapshot_baseline kind=K files=N seconds=S mb_per_s=T   plain blake3 loop (walk, read, hash)
-    snapshot kind=K files=N seconds=S mb_per_s=T ratio=R     first snapshot into an empty store
-    snapshot_stored kind=K files=N seconds=S mb_per_s=T ratio=R
+    snapshot kind=K store=B files=N seconds=S mb_per_s=T ratio=R
+                                 first snapshot into an empty store
+    snapshot_stored kind=K store=B files=N seconds=S mb_per_s=T ratio=R
                                  a new Store (cold stat cache) over a store holding the blobs
-    snapshot_warm kind=K files=N seconds=S speedup=X         same Store again (stat cache)
+    snapshot_warm kind=K store=B files=N seconds=S speedup=X
+                                 the same Store again (stat cache)
 
 `ratio` is seconds / baseline seconds (goal: <= 1.5); `speedup` is the first snapshot's time
 over the warm one (goal: >= 10). Each figure is the best of a few runs, all files in the page
-cache, so the figures compare CPU and syscall work rather than the disk.
+cache, so the figures compare CPU and syscall work rather than the disk. Opening and closing
+the store is not timed (a session does it once).
 
-Run: `python bench/snapshot.py [--kinds small,large] [--repeat 3]`.
+Run: `python bench/snapshot.py [--kinds small,large] [--stores sqlite,files] [--repeat 3]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import blake3
 import trio
 
-from rulework.engine.fs import PathGlobs
+from rulework.backends.sqlite import SqliteCache
+from rulework.engine.fs import PathGlobs, Snapshot
 from rulework.engine.store import FileBlobStore, Store
 
 GLOBS = PathGlobs(["**"])
@@ -80,7 +88,53 @@ def best_of(repeat: int, run: Callable[[], object]) -> float:
     return best
 
 
-def bench_kind(kind: str, workdir: Path, repeat: int) -> None:
+@contextlib.asynccontextmanager
+async def open_store(kind: str, directory: Path) -> AsyncIterator[Store]:
+    if kind == "files":
+        yield Store(FileBlobStore(directory))
+        return
+    cache = SqliteCache(None, directory)
+    await cache.open()
+    try:
+        yield Store(cache)
+    finally:
+        await cache.aclose()
+
+
+async def timed_snapshot(store: Store, tree: Path) -> tuple[float, Snapshot]:
+    start = time.perf_counter()
+    snapshot = await store.snapshot(tree, GLOBS)
+    return time.perf_counter() - start, snapshot
+
+
+async def measure(
+    store_kind: str, tree: Path, store_dir: Path, count: int, repeat: int, cold_repeat: int
+) -> tuple[float, float, float]:
+    """(first snapshot into an empty store, warm re-snapshot, new Store over stored blobs)."""
+    cold = warm = stored = float("inf")
+    snapshot = None
+    for _ in range(cold_repeat):
+        shutil.rmtree(store_dir, ignore_errors=True)  # a benchmark may block its event loop
+        os.sync()
+        async with open_store(store_kind, store_dir) as store:
+            seconds, snapshot = await timed_snapshot(store, tree)
+            cold = min(cold, seconds)
+            assert len(snapshot.files) == count, (len(snapshot.files), count)
+            for _ in range(repeat):
+                seconds, again = await timed_snapshot(store, tree)
+                warm = min(warm, seconds)
+                assert again == snapshot
+            assert store.statistics().stat_cache_hits >= count
+    for _ in range(repeat):
+        async with open_store(store_kind, store_dir) as fresh:
+            seconds, again = await timed_snapshot(fresh, tree)
+            stored = min(stored, seconds)
+            assert again == snapshot
+            assert fresh.statistics().stat_cache_hits == 0
+    return cold, warm, stored
+
+
+def bench_kind(kind: str, stores: list[str], workdir: Path, repeat: int) -> None:
     tree = workdir / f"tree-{kind}"
     count = make_small(tree) if kind == "small" else make_large(tree)
     total_bytes = baseline(tree)  # also warms the page cache
@@ -92,60 +146,37 @@ def bench_kind(kind: str, workdir: Path, repeat: int) -> None:
         f"snapshot_baseline kind={kind} files={count} seconds={base:.3f} mb_per_s={mb / base:.0f}",
         flush=True,
     )
-
-    store_dir = workdir / f"store-{kind}"
-    cold = float("inf")
-    warm = float("inf")
     cold_repeat = repeat if kind == "small" else 1  # rewriting 1 GB per run is the disk's test
-    for _ in range(cold_repeat):
-        if store_dir.exists():
-            shutil.rmtree(store_dir)
-        os.sync()
-        store = Store(FileBlobStore(store_dir))
-        start = time.perf_counter()
-        snapshot = trio.run(store.snapshot, tree, GLOBS)
-        cold = min(cold, time.perf_counter() - start)
-        assert len(snapshot.files) == count, (len(snapshot.files), count)
-        for _ in range(repeat):
-            start = time.perf_counter()
-            again = trio.run(store.snapshot, tree, GLOBS)
-            warm = min(warm, time.perf_counter() - start)
-            assert again == snapshot
-        assert store.statistics().stat_cache_hits >= count
-    print(
-        f"snapshot kind={kind} files={count} seconds={cold:.3f} mb_per_s={mb / cold:.0f} "
-        f"ratio={cold / base:.2f}",
-        flush=True,
-    )
-
-    def stored() -> None:
-        fresh = Store(FileBlobStore(store_dir))
-        assert trio.run(fresh.snapshot, tree, GLOBS) == snapshot
-        assert fresh.statistics().stat_cache_hits == 0
-
-    seconds = best_of(repeat, stored)
-    print(
-        f"snapshot_stored kind={kind} files={count} seconds={seconds:.3f} "
-        f"mb_per_s={mb / seconds:.0f} ratio={seconds / base:.2f}",
-        flush=True,
-    )
-    print(
-        f"snapshot_warm kind={kind} files={count} seconds={warm:.4f} speedup={cold / warm:.1f}",
-        flush=True,
-    )
-    shutil.rmtree(store_dir, ignore_errors=True)
+    for store_kind in stores:
+        store_dir = workdir / f"store-{kind}-{store_kind}"
+        cold, warm, stored = trio.run(
+            measure, store_kind, tree, store_dir, count, repeat, cold_repeat
+        )
+        what = f"kind={kind} store={store_kind} files={count}"
+        print(
+            f"snapshot {what} seconds={cold:.3f} mb_per_s={mb / cold:.0f} ratio={cold / base:.2f}",
+            flush=True,
+        )
+        print(
+            f"snapshot_stored {what} seconds={stored:.3f} mb_per_s={mb / stored:.0f} "
+            f"ratio={stored / base:.2f}",
+            flush=True,
+        )
+        print(f"snapshot_warm {what} seconds={warm:.4f} speedup={cold / warm:.1f}", flush=True)
+        shutil.rmtree(store_dir, ignore_errors=True)
     shutil.rmtree(tree, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kinds", default="small,large")
+    parser.add_argument("--stores", default="sqlite,files")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="rulework-bench-snapshot-"))
     try:
         for kind in args.kinds.split(","):
-            bench_kind(kind, workdir, args.repeat)
+            bench_kind(kind, args.stores.split(","), workdir, args.repeat)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -929,6 +929,27 @@ async def test_intrinsic_blobs_are_never_stored(tmp_path: Path) -> None:
     assert not set(blobs.read_whole) & INTRINSIC_DIGESTS
 
 
+async def test_snapshot_writes_only_the_file_blobs_the_blob_store_lacks(
+    workspace: Path,
+) -> None:
+    inner = MemoryBlobStore()
+    globs = PathGlobs(["**"])
+    first = await Store(inner).snapshot(workspace, globs)
+    file_digests = {
+        fc.path: Digest.of_bytes(fc.content) for fc in await Store(inner).contents(first.digest)
+    }
+    # A new Store (nothing known present, no stat cache) over blobs that are all held.
+    blobs = CountingBlobStore(inner)
+    assert await Store(blobs).snapshot(workspace, globs) == first
+    assert not set(blobs.written) & set(file_digests.values())
+    # One changed file: exactly its new blob is written.
+    (workspace / "README.md").write_text("changed again")
+    blobs.written.clear()
+    await Store(blobs).snapshot(workspace, globs)
+    assert Digest.of_bytes(b"changed again") in blobs.written
+    assert not set(blobs.written) & set(file_digests.values())
+
+
 async def test_capture_declared_outputs(any_store: Store, tmp_path: Path) -> None:
     sandbox = tmp_path / "sandbox"
     write_tree(sandbox, {"out.txt": "o", "dist/pkg/a.whl": "w", "dist/b.txt": "b", "junk.txt": "j"})
