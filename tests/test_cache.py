@@ -20,6 +20,7 @@ from rulework.backends.local import LocalExecutor
 from rulework.backends.memory import MemoryCache, MemoryCacheConfig
 from rulework.backends.sqlite import DATABASE_NAME, SqliteCache, SqliteCacheConfig
 from rulework.engine.cache import (
+    ActionWrite,
     CacheLayer,
     RemoteCacheWarning,
     decode_entry,
@@ -157,6 +158,31 @@ async def test_put_refuses_entries_naming_absent_blobs() -> None:
         with pytest.raises(CacheError, match="tree it refers to is incomplete"):
             await layer.put_action(KEY, b"v", tree_roots=[absent])
         assert await layer.get_action(KEY) is None
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_put_actions_stores_the_good_entries_and_names_the_bad(
+    backend: str, sqlite_factory: Callable[..., SqliteCache]
+) -> None:
+    # sqlite takes all entries in one call (put_actions); memory gets one put_action each.
+    local: CacheBackend = MemoryCache() if backend == "memory" else sqlite_factory("local")
+    async with open_cache_layer(local, None) as layer:
+        outputs = [await _outputs(layer, b"%d" % i) for i in range(3)]
+        absent = Digest.of_bytes(b"never stored")
+        writes = [
+            ActionWrite(f"{i:064x}", b"value %d" % i, (stdout, stderr), (tree,))
+            for i, (stdout, stderr, tree) in enumerate(outputs)
+        ]
+        writes.append(ActionWrite("ee" * 32, b"names an absent blob", (absent,)))
+        writes.append(ActionWrite("ff" * 32, b"names an absent tree", (), (absent,)))
+        failed = await layer.put_actions(writes)
+        assert set(failed) == {"ee" * 32, "ff" * 32}
+        assert "not in the local store" in str(failed["ee" * 32])
+        assert "tree it refers to is incomplete" in str(failed["ff" * 32])
+        for i in range(3):
+            assert await layer.get_action(f"{i:064x}") == (b"value %d" % i, "local_cache")
+        assert await layer.get_action("ee" * 32) is None
+        assert layer.statistics().writes == 3
 
 
 async def test_intrinsic_blobs_need_not_be_stored() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import trio
 
 from rulework.backends.local import LocalExecutor, LocalExecutorConfig
 from rulework.backends.memory import MemoryCache
-from rulework.engine.cache import CacheSource, open_cache_layer
+from rulework.engine.cache import ActionWrite, CacheSource, open_cache_layer
 from rulework.engine.errors import (
     CacheError,
     ExecutorError,
@@ -460,6 +460,58 @@ async def test_with_the_real_cache_layer(tmp_path: Path) -> None:
     assert _runs(counter) == 1
     assert first.metadata.source == "ran" and second.metadata.source == "local_cache"
     assert second.stdout == b"done\n" and second.output_digest == first.output_digest
+
+
+class BatchingActionCache(DictActionCache):
+    """A DictActionCache that also takes many entries at once, recording each call's size;
+    its first write waits until `release` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.release = trio.Event()
+
+    async def put_action(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        digests: Iterable[Digest] = (),
+        tree_roots: Iterable[Digest] = (),
+    ) -> None:
+        await self.put_actions([ActionWrite(key, value, tuple(digests), tuple(tree_roots))])
+
+    async def put_actions(self, writes: Sequence[ActionWrite]) -> dict[str, CacheError]:
+        await self.release.wait()
+        self.batches.append(len(writes))
+        for write in writes:
+            self.entries[write.key] = write.value
+        return {}
+
+
+async def test_background_writes_are_batched_and_all_written_when_stopped(
+    tmp_path: Path, store: Store
+) -> None:
+    cache = BatchingActionCache()
+    processes = [Process(("true", str(i))) for i in range(12)]
+    async with ProcessRunner({"local": _local(tmp_path)}, "local", store, cache) as runner:
+        async with trio.open_nursery() as background:
+            runner.write_in_background(background)
+            async with trio.open_nursery() as nursery:
+                for process in processes:
+                    nursery.start_soon(runner.run, process)
+            # Every run returned without waiting for its entry; none is written yet.
+            assert cache.entries == {}
+            cache.release.set()
+            runner.stop_writing_in_background()
+        # While the first write waited, the rest queued up: they went in one more write.
+        assert sum(cache.batches) == 12 and len(cache.batches) <= 2
+        assert runner.statistics().cache_writes == 12
+        for process in processes:
+            assert (await runner.run(process)).metadata.source == "local_cache"
+        # After stopping, entries are written before run returns.
+        await runner.run(Process(("true", "late")))
+        assert len(cache.entries) == 13
 
 
 async def test_large_stdout_lives_in_the_store(tmp_path: Path, cache: DictActionCache) -> None:

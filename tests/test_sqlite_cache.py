@@ -270,6 +270,20 @@ def _delta(before: SqliteWriteStatistics, after: SqliteWriteStatistics) -> tuple
     )
 
 
+async def test_put_actions_writes_many_entries_in_one_transaction(cache: SqliteCache) -> None:
+    await cache.put_action("key-0", b"old value")
+    before = cache.write_statistics()
+    stats_before = cache.statistics()
+    await cache.put_actions([(f"key-{i}", b"value %d" % i) for i in range(100)])
+    assert _delta(before, cache.write_statistics()) == (1, 1)
+    # New keys are added and an existing key is replaced, as put_action does.
+    assert await cache.get_action("key-0") == b"value 0"
+    assert await cache.get_action("key-99") == b"value 99"
+    assert cache.statistics().action_writes - stats_before.action_writes == 100
+    await cache.put_actions([])
+    assert _delta(before, cache.write_statistics()) == (1, 1)  # nothing to write: no transaction
+
+
 async def test_concurrent_writes_share_one_transaction(cache: SqliteCache) -> None:
     blobs = dict(_blob(i, 300 + i) for i in range(10))
     before = cache.write_statistics()

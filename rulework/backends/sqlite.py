@@ -924,6 +924,23 @@ class SqliteCache:
         self._counters.action_writes += 1
         self._counters.bytes_written += len(value)
 
+    async def put_actions(self, entries: Sequence[tuple[str, bytes]]) -> None:
+        """Store several `(key, value)` entries in one transaction; returns once committed.
+
+        What a writer of many entries at once (the process runner's background writes) uses
+        instead of one `put_action` each: a transaction costs more than the rows in it."""
+        rows = [(key, bytes(value)) for key, value in entries]
+        if not rows:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._run_write(
+            "writing action entries",
+            functools.partial(_put_actions_sync, rows=rows),
+            weight=sum(len(value) for _, value in rows),
+        )
+        self._counters.action_writes += len(rows)
+        self._counters.bytes_written += sum(len(value) for _, value in rows)
+
     # -- blobs -----------------------------------------------------------------------------------
 
     def _is_inline(self, digest: Digest) -> bool:
@@ -1466,6 +1483,11 @@ def _put_action_sync(con: sqlite3.Connection, tx: _Tx, key: str, value: bytes) -
         (tx.now, cost, value, key),
     )
     tx.total_delta += cost - old_cost
+
+
+def _put_actions_sync(con: sqlite3.Connection, tx: _Tx, rows: Sequence[tuple[str, bytes]]) -> None:
+    for key, value in rows:
+        _put_action_sync(con, tx, key, value)
 
 
 @functools.cache

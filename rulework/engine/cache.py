@@ -228,6 +228,16 @@ class _Upload:
     blobs: tuple[Digest, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ActionWrite:
+    """One entry for `CacheLayer.put_actions`: the arguments of one `put_action` call."""
+
+    key: str
+    value: bytes
+    digests: tuple[Digest, ...] = ()
+    tree_roots: tuple[Digest, ...] = ()
+
+
 # -- the layer ----------------------------------------------------------------------------------
 
 
@@ -396,6 +406,53 @@ class CacheLayer:
         self._counts["writes"] += 1
         if self._remote_write:
             self._enqueue(_Upload(key, entry, tuple(sorted(blobs))))
+
+    async def put_actions(self, writes: Sequence[ActionWrite]) -> dict[str, CacheError]:
+        """Store several entries, each as `put_action` would, with one write to the local cache
+        when it can take many at once (a `put_actions(entries)` method, as the sqlite cache
+        has: one transaction instead of one per entry).
+
+        Returns the entries not stored, by key, with why (an entry naming a blob missing from
+        the local store); the others are stored.
+
+        Raises:
+            CacheError: the local cache failed (then none of the entries may be stored).
+        """
+        failed: dict[str, CacheError] = {}
+        closures: list[tuple[ActionWrite, set[Digest]]] = []
+        for write in writes:
+            try:
+                closures.append((write, await self._closure(write.digests, write.tree_roots)))
+            except MissingDigestError as exc:
+                failed[write.key] = CacheError(
+                    f"Not caching the entry {write.key}: a tree it refers to is incomplete in "
+                    f"the local store ({exc})."
+                )
+        every_blob = set().union(*(blobs for _, blobs in closures))
+        missing = await self.local_blobs.find_missing_blobs(every_blob) if every_blob else set()
+        entries: list[tuple[str, bytes, set[Digest]]] = []
+        for write, blobs in closures:
+            absent = blobs & missing
+            if absent:
+                failed[write.key] = CacheError(
+                    f"Not caching the entry {write.key}: {len(absent)} blob(s) it refers to are "
+                    f"not in the local store (e.g. {min(absent)}). Store blobs before the entry "
+                    "naming them."
+                )
+            else:
+                entries.append((write.key, encode_entry(write.value, blobs), blobs))
+        if self.local is not None and entries:
+            put_many = getattr(self.local, "put_actions", None)
+            if callable(put_many):
+                await put_many([(key, entry) for key, entry, _ in entries])
+            else:
+                for key, entry, _ in entries:
+                    await self.local.put_action(key, entry)
+        self._counts["writes"] += len(entries)
+        if self._remote_write:
+            for key, entry, blobs in entries:
+                self._enqueue(_Upload(key, entry, tuple(sorted(blobs))))
+        return failed
 
     async def ensure_blobs(
         self, digests: Iterable[Digest], tree_roots: Iterable[Digest] = ()
@@ -839,6 +896,7 @@ async def open_cache_layer(
 
 
 __all__ = [
+    "ActionWrite",
     "CacheLayer",
     "CacheLayerStatistics",
     "CacheSource",

@@ -132,6 +132,8 @@ async def open_services(
         stack.push_async_callback(_close_shielded, runner)
         # Closed first (the stack unwinds in reverse): waits for the cache writes in flight.
         runner.write_in_background(await stack.enter_async_context(trio.open_nursery()))
+        # Runs before the nursery is waited for: the background writer drains and returns.
+        stack.callback(runner.stop_writing_in_background)
         yield Services(config, root, store, layer, runner)
 
 
