@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+import rulework.backends.local as local_module
 from rulework.abc import ProcessExecutor
 from rulework.backends.local import LocalExecutor, LocalExecutorConfig
 from rulework.engine.errors import ExecutorError
@@ -34,9 +38,11 @@ class TestLocalExecutorConformance(ProcessExecutorSuite):
     # A local shell reports its pids within milliseconds; no container or network to wait for.
     timeout_test_seconds = 1.5
 
-    @pytest.fixture
-    async def executor(self, store: Store, tmp_path: Path) -> AsyncIterator[ProcessExecutor]:
-        executor = LocalExecutor("local", _config(tmp_path))
+    @pytest.fixture(params=[False, True], ids=["spawn-on-loop", "spawn-in-thread"])
+    async def executor(
+        self, store: Store, tmp_path: Path, request: pytest.FixtureRequest
+    ) -> AsyncIterator[ProcessExecutor]:
+        executor = LocalExecutor("local", _config(tmp_path, spawn_in_thread=request.param))
         await executor.open(store)
         yield executor
         await executor.aclose()
@@ -89,6 +95,7 @@ def test_config_defaults() -> None:
         ({"keep_sandboxes": "sometimes"}, "keep_sandboxes must be"),
         ({"inherit_env": ("A=B",)}, "not a valid variable name"),
         ({"kill_grace_seconds": -1}, "kill_grace_seconds"),
+        ({"spawn_in_thread": "yes"}, "spawn_in_thread must be true or false"),
     ],
 )
 def test_config_rejects_bad_values(options: dict[str, object], message: str) -> None:
@@ -208,6 +215,31 @@ async def test_default_sandbox_root_is_the_temp_dir(
     assert Path(result.stdout.decode().strip()).is_relative_to(tmp_path.resolve())  # noqa: ASYNC240
     await executor.aclose()
     assert [name for name in os.listdir(tmp_path) if name.startswith("rulework-")] == []
+
+
+# --- spawning ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+async def test_processes_start_on_the_event_loop_thread_unless_configured(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch, in_thread: bool
+) -> None:
+    threads: list[int] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        threads.append(threading.get_ident())
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(local_module.subprocess, "Popen", recording_popen)
+    executor = LocalExecutor("local", _config(tmp_path, spawn_in_thread=in_thread))
+    try:
+        result = await executor.execute(Process(("/bin/sh", "-c", "echo $$")), store)
+    finally:
+        await executor.aclose()
+    assert result.exit_code == 0 and int(result.stdout) > 0
+    assert len(threads) == 1
+    assert (threads[0] == threading.get_ident()) is not in_thread
 
 
 # --- spawning errors ----------------------------------------------------------------------------
