@@ -8,7 +8,10 @@ the same run. Then re-runs the same N in a new session, served from the process 
     process_throughput env=local parallelism=P rulework_per_s=A baseline_per_s=B ratio=B/A
     process_cache_hit us_per_hit=U
 
-Usage: python bench/process.py [--n N] [--ssh]   (--ssh adds the ssh lines; needs sshd)
+Each throughput figure is the best of `--repeat` alternating runs of the engine and the
+baseline (fresh argv each time, so nothing is a cache hit): the machines are shared and noisy.
+
+Usage: python bench/process.py [--n N] [--repeat R] [--ssh]   (--ssh adds the ssh lines; needs sshd)
 """
 
 from __future__ import annotations
@@ -86,15 +89,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--ssh", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     n = args.n
     with tempfile.TemporaryDirectory(prefix="rulework-bench-") as tmp:
         for parallelism in (2, 8):
             e = engine(Path(tmp) / f"cache-{parallelism}", parallelism)
-            salt = f"p{parallelism}-{os.getpid()}"
-            base_s = trio.run(baseline, n, parallelism)
-            rw_s, done = trio.run(through_engine, e, Batch(n, salt))
-            assert done == Done(n, ("ran",)), done
+            base_s = rw_s = float("inf")
+            for attempt in range(args.repeat):  # alternating, best of each: the box is shared
+                salt = f"p{parallelism}-{os.getpid()}-{attempt}"
+                base_s = min(base_s, trio.run(baseline, n, parallelism))
+                seconds, done = trio.run(through_engine, e, Batch(n, salt))
+                assert done == Done(n, ("ran",)), done
+                rw_s = min(rw_s, seconds)
             print(
                 f"process_throughput env=local parallelism={parallelism} "
                 f"rulework_per_s={n / rw_s:.1f} baseline_per_s={n / base_s:.1f} "
