@@ -324,6 +324,25 @@ async def test_corrupt_directory_blob_fails_tree_operations(file_blobs: FileBlob
         await Store(file_blobs).contents(digest)
 
 
+async def test_resnapshot_restores_an_evicted_directory_blob(
+    file_blobs: FileBlobStore, workspace: Path
+) -> None:
+    store = Store(file_blobs)
+    globs = PathGlobs(["**"])
+    first = await store.snapshot(workspace, globs)
+    assert (await store.snapshot(workspace, globs)) == first  # served by the listing memo
+    path = file_blobs.local_path(first.digest)
+    assert path is not None
+    corrupt_file(path, offset=len(path.read_bytes()) - 1)
+    with pytest.warns(CorruptBlobWarning), pytest.raises(MissingDigestError):
+        await Store(file_blobs).contents(first.digest)  # another Store evicts it
+    with pytest.warns(CorruptBlobWarning):  # ... and this one, as when it reads it itself
+        await store._evict_corrupt([first.digest])
+    again = await store.snapshot(workspace, globs)
+    assert again == first
+    assert {fc.path for fc in await Store(file_blobs).contents(again.digest)} == set(first.files)
+
+
 async def test_corrupt_blob_is_not_materialized(file_blobs: FileBlobStore, tmp_path: Path) -> None:
     digest = await Store(file_blobs).create_digest(
         CreateDigest([FileContent("ok.txt", b"fine"), FileContent("bad.txt", b"will rot")])

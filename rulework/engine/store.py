@@ -982,6 +982,8 @@ class Store:
         # deleting blobs under a live Store would surface as MissingDigestError on use.
         self._present: set[Digest] = set()
         self._listings: dict[Digest, dict[str, DirectoryEntry]] = {}
+        # Directory listings this Store encoded, as their entries in order -> digest.
+        self._encoded: dict[tuple[tuple[str, DirectoryEntry], ...], Digest] = {}
         # Stat cache: real path -> (size, mtime_ns, inode, ctime_ns, digest). An entry is only
         # added when the file's mtime and ctime are older than the racy window, so a write in
         # the same timestamp tick as our read can never be mistaken for "unchanged".
@@ -1204,15 +1206,26 @@ class Store:
         blobs: dict[Digest, bytes] = {}
         digests: dict[str, Digest] = {}
         # Deepest first, so every subdirectory's digest is known before its parent's listing.
+        memo = self._encoded
         for path in sorted(listings, key=lambda p: p.count("/") if p else -1, reverse=True):
             listing = listings[path]
             for name in children.get(path, ()):
                 listing[name] = DirectoryEntry(True, digests[_join(path, name)])
-            data = encode_directory(listing)
-            digest = _hash_bytes(data)
-            digests[path] = digest
-            blobs[digest] = data
-            self._cache_listing(digest, listing)
+            # An unchanged directory (a re-snapshot) has the very same entries, usually the
+            # very same objects (from the stat cache): a lookup instead of encoding and hashing.
+            key = tuple(listing.items())
+            known = memo.get(key)
+            if known is None:
+                data = encode_directory(listing)
+                known = _hash_bytes(data)
+                blobs[known] = data
+                if len(memo) >= _LISTING_CACHE_ENTRIES // 10:
+                    memo.clear()
+                memo[key] = known
+                self._cache_listing(known, listing)
+            elif known not in self._present:
+                blobs[known] = encode_directory(listing)  # evicted since: store it again
+            digests[path] = known
         await self._write_new(blobs)
         del listings[""]
         return digests[""], list(listings)
