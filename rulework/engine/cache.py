@@ -387,25 +387,10 @@ class CacheLayer:
             CacheError: a named blob is not in `local_blobs` (nothing is stored), or the local
                 cache failed.
         """
-        try:
-            blobs = await self._closure(digests, tree_roots)
-        except MissingDigestError as exc:
-            raise CacheError(
-                f"Not caching the entry {key}: a tree it refers to is incomplete in the local "
-                f"store ({exc})."
-            ) from exc
-        missing = await self.local_blobs.find_missing_blobs(blobs)
-        if missing:
-            raise CacheError(
-                f"Not caching the entry {key}: {len(missing)} blob(s) it refers to are not in the "
-                f"local store (e.g. {min(missing)}). Store blobs before the entry naming them."
-            )
-        entry = encode_entry(value, blobs)
-        if self.local is not None:
-            await self.local.put_action(key, entry)
-        self._counts["writes"] += 1
-        if self._remote_write:
-            self._enqueue(_Upload(key, entry, tuple(sorted(blobs))))
+        write = ActionWrite(key, value, tuple(digests), tuple(tree_roots))
+        failed = await self.put_actions([write])
+        if failed:
+            raise failed[key]
 
     async def put_actions(self, writes: Sequence[ActionWrite]) -> dict[str, CacheError]:
         """Store several entries, each as `put_action` would, with one write to the local cache
@@ -424,10 +409,12 @@ class CacheLayer:
             try:
                 closures.append((write, await self._closure(write.digests, write.tree_roots)))
             except MissingDigestError as exc:
-                failed[write.key] = CacheError(
+                error = CacheError(
                     f"Not caching the entry {write.key}: a tree it refers to is incomplete in "
                     f"the local store ({exc})."
                 )
+                error.__cause__ = exc
+                failed[write.key] = error
         every_blob = set().union(*(blobs for _, blobs in closures))
         missing = await self.local_blobs.find_missing_blobs(every_blob) if every_blob else set()
         entries: list[tuple[str, bytes, set[Digest]]] = []
@@ -443,7 +430,7 @@ class CacheLayer:
                 entries.append((write.key, encode_entry(write.value, blobs), blobs))
         if self.local is not None and entries:
             put_many = getattr(self.local, "put_actions", None)
-            if callable(put_many):
+            if callable(put_many) and len(entries) > 1:
                 await put_many([(key, entry) for key, entry, _ in entries])
             else:
                 for key, entry, _ in entries:
