@@ -746,7 +746,7 @@ class SqliteCache:
             if self._wal_pages_unchecked >= _CHECKPOINT_INLINE_AFTER_PAGES:
                 # Writes outran the checkpointer: checkpoint here, which bounds the WAL.
                 self._wal_pages_unchecked = 0
-                _checkpoint(con, self.database_path, stats)
+                self._count_checkpoint(_checkpoint(con, self.database_path))
             else:
                 with self._checkpoint_cond:
                     self._checkpoint_wanted = True
@@ -763,9 +763,16 @@ class SqliteCache:
                 if not self._checkpoint_wanted:
                     return
                 self._checkpoint_wanted = False
-            if _checkpoint(con, self.database_path, self._write_stats):
+            if self._count_checkpoint(_checkpoint(con, self.database_path)):
                 # Read without the lock by the writer: a stale value only delays its fallback.
                 self._wal_pages_unchecked = 0
+
+    def _count_checkpoint(self, outcome: bool | None) -> bool:
+        """Count a checkpoint that ran (from either thread, so under the lock)."""
+        if outcome is not None:
+            with self._checkpoint_cond:
+                self._write_stats["checkpoints"] += 1
+        return bool(outcome)
 
     def _deliver(self, ops: list[_WriteOp], error: BaseException | None = None) -> None:
         """In the writer thread: mark `ops` done and wake their callers, one hand-off per run."""
@@ -1410,15 +1417,15 @@ def _commit_sync(
     return results, False
 
 
-def _checkpoint(con: sqlite3.Connection, path: Path, stats: dict[str, int]) -> bool:
-    """Run a PASSIVE checkpoint; True if it copied every frame of the WAL back."""
+def _checkpoint(con: sqlite3.Connection, path: Path) -> bool | None:
+    """Run a PASSIVE checkpoint: True if it copied every frame of the WAL back, False if it
+    ran but left frames (readers or writers were using them), None if it failed."""
     try:
         busy, log, done = con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     except sqlite3.Error as exc:
         # Nothing is lost: the WAL keeps the data and the next checkpoint retries.
         logger.debug("Checkpoint of %s failed: %s", path, exc)
-        return False
-    stats["checkpoints"] += 1
+        return None
     return not busy and log == done
 
 
