@@ -645,6 +645,14 @@ class _Run:
         except KeyboardInterrupt:
             _error("interrupted")
             code = EXIT_INTERRUPTED
+        except BaseExceptionGroup as group:
+            # Ctrl-C lands in whichever task is running at that instant; tasks ending at the
+            # same time (a file watcher's thread, a task group closing) can group it with
+            # their own exits. It is still the user's interrupt.
+            if group.subgroup(KeyboardInterrupt) is None:
+                raise
+            _error("interrupted")
+            code = EXIT_INTERRUPTED
         except GoalArgumentError as exc:
             _error(str(exc))
             code = EXIT_USAGE

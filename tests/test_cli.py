@@ -695,6 +695,33 @@ async def words(ctx: GoalContext) -> int:
 """
 
 
+def test_an_interrupt_grouped_with_other_exits_is_still_an_interrupt(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(
+        workspace,
+        "wf.py",
+        """\
+        from rulework.goals import GoalContext, goal
+
+
+        def rules():
+            return []
+
+
+        @goal
+        async def stop(ctx: GoalContext) -> int:
+            raise BaseExceptionGroup(
+                "closing", [KeyboardInterrupt(), RuntimeError("the watcher thread stopped")]
+            )
+        """,
+    )
+    code, _, err = cli(capsys, "run", "--progress", "none", "wf.py")
+    assert code == 130
+    assert "interrupted" in err
+    assert "Traceback" not in err
+
+
 def test_watch_reruns_the_goal_when_an_input_changes_and_stops_on_ctrl_c(
     tmp_path: Path,
 ) -> None:
@@ -744,7 +771,7 @@ def test_watch_reruns_the_goal_when_an_input_changes_and_stops_on_ctrl_c(
         (workspace / "notes" / "b.txt").write_text("four five\n")
         assert wait_for("re-ran"), lines
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 130
+        assert process.wait(timeout=30) == 130, lines
     finally:
         if process.poll() is None:
             process.kill()
