@@ -225,10 +225,14 @@ async def test_processes_start_on_the_event_loop_thread_unless_configured(
     tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
     threads: list[int] = []
+    protected: list[bool] = []
     real_popen = subprocess.Popen
 
     def recording_popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
         threads.append(threading.get_ident())
+        if not in_thread:
+            # A Ctrl-C must not land between fork and the executor knowing the child.
+            protected.append(trio.lowlevel.currently_ki_protected())
         return real_popen(*args, **kwargs)
 
     monkeypatch.setattr(local_module.subprocess, "Popen", recording_popen)
@@ -240,6 +244,7 @@ async def test_processes_start_on_the_event_loop_thread_unless_configured(
     assert result.exit_code == 0 and int(result.stdout) > 0
     assert len(threads) == 1
     assert (threads[0] == threading.get_ident()) is not in_thread
+    assert protected == ([] if in_thread else [True])
 
 
 # --- spawning errors ----------------------------------------------------------------------------

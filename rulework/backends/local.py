@@ -321,6 +321,7 @@ class LocalExecutor:
             return
         await trio.to_thread.run_sync(_remove_tree, sandbox)
 
+    @trio.lowlevel.enable_ki_protection
     def _spawn(self, process: Process, cwd: Path, env: Mapping[str, str]) -> _Spawned:
         """Start `process` in its own session, its stdout and stderr on pipes.
 
@@ -331,6 +332,10 @@ class LocalExecutor:
         needs. Measured with 2,000 `/bin/true` at parallelism 2: 10-25% more processes per
         second. Set `spawn_in_thread = true` where exec itself may block (programs on a slow
         network file system).
+
+        KI-protected: a Ctrl-C during the call is raised at the caller's next checkpoint, where
+        the child is known and its group gets killed, instead of between fork and the return,
+        which would leave the child running unseen.
         """
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
