@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,10 +19,11 @@ from rulework.backends.memory import MemoryCache
 from rulework.backends.reapi import ReapiCache, ReapiCacheConfig, ReapiExecutor, ReapiExecutorConfig
 from rulework.engine.cache import CacheLayer, RemoteCacheWarning, open_cache_layer
 from rulework.engine.errors import ConfigError, ExecutorError
-from rulework.engine.fs import CreateDigest, FileContent
+from rulework.engine.fs import CreateDigest, Digest, FileContent
 from rulework.engine.process import Process, ProcessCacheScope, ProcessRunner
 from rulework.engine.store import MemoryBlobStore, Store
 from rulework.testing import CacheBackendSuite, ProcessExecutorSuite
+from rulework.testing._cache_suite import CorruptHook
 
 from .svc_reapi import CasdServer
 
@@ -89,15 +91,39 @@ class TestReapiExecutor(ProcessExecutorSuite):
         return pid in _innermost_pids(self.server_pid).values()
 
 
+async def _blob_content(backend: CacheBackend, digest: Digest) -> bytes:
+    blobs = await backend.read_blobs([digest])
+    if digest in blobs:
+        return blobs[digest]
+    with tempfile.TemporaryDirectory() as tmp:  # a large blob: streamed
+        path = Path(tmp) / "blob"
+        assert await backend.read_blob_to_file(digest, path)
+        return path.read_bytes()
+
+
 # -- the remote cache ------------------------------------------------------------------------
 
 
 class TestReapiCacheConformance(CacheBackendSuite):
+    evicts_from_storage = False  # REAPI has no delete
+
     @pytest.fixture
     async def backend(self, reapi_server: CasdServer) -> AsyncIterator[CacheBackend]:
         cache = ReapiCache(ReapiCacheConfig(address=reapi_server.address))
         yield cache
         await cache.aclose()
+
+    @pytest.fixture
+    def corrupt(self, reapi_server: CasdServer) -> CorruptHook:
+        async def corrupt(backend: CacheBackend, digest: Digest) -> None:
+            # casd keeps blobs by SHA-256 in files: flip a byte there, as a bad disk would.
+            data = await _blob_content(backend, digest)
+            path = reapi_server.cas_path(hashlib.sha256(data).hexdigest())
+            assert path.exists(), "casd's CAS layout changed: fix CasdServer.cas_path"
+            path.chmod(0o644)
+            path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+
+        return corrupt
 
 
 def _executor(server: CasdServer, **options: Any) -> ReapiExecutor:
