@@ -922,14 +922,7 @@ class SqliteCache:
 
     async def put_action(self, key: str, value: bytes) -> None:
         """Store `value` under `key` (replacing any older value); returns once committed."""
-        value = bytes(value)
-        await self._run_write(
-            "writing an action entry",
-            functools.partial(_put_action_sync, key=key, value=value),
-            weight=len(value),
-        )
-        self._counters.action_writes += 1
-        self._counters.bytes_written += len(value)
+        await self.put_actions([(key, value)])
 
     async def put_actions(self, entries: Sequence[tuple[str, bytes]]) -> None:
         """Store several `(key, value)` entries in one transaction; returns once committed.
@@ -940,13 +933,12 @@ class SqliteCache:
         if not rows:
             await trio.lowlevel.checkpoint()
             return
+        size = sum(len(value) for _, value in rows)
         await self._run_write(
-            "writing action entries",
-            functools.partial(_put_actions_sync, rows=rows),
-            weight=sum(len(value) for _, value in rows),
+            "writing action entries", functools.partial(_put_actions_sync, rows=rows), weight=size
         )
         self._counters.action_writes += len(rows)
-        self._counters.bytes_written += sum(len(value) for _, value in rows)
+        self._counters.bytes_written += size
 
     # -- blobs -----------------------------------------------------------------------------------
 

@@ -827,7 +827,7 @@ class ProcessRunner:
             roots = (result.output_digest,) if result.output_digest != EMPTY_DIGEST else ()
             writes.append(ActionWrite(key, entry.encode(), blobs, roots))
         put_many = getattr(cache, "put_actions", None)
-        if callable(put_many) and len(writes) > 1:
+        if callable(put_many):
             try:
                 failed: dict[str, CacheError] = await put_many(writes)
             except CacheError as exc:
