@@ -1093,12 +1093,24 @@ class Store:
         self._mark_present(d for d in unknown if d not in missing)
         return missing
 
-    async def _write_new(self, blobs: Mapping[Digest, bytes]) -> None:
+    async def _write_new(self, blobs: Mapping[Digest, bytes], *, ask_first: bool = False) -> None:
+        """Write the blobs not known to be present.
+
+        With `ask_first`, ask the blob store which it lacks and write only those: a write of
+        blobs it already holds still costs a transaction or a stat per blob, and a snapshot of
+        a known tree (a new process, no stat cache) finds most of its files stored.
+        """
         present = self._present
         new = {d: b for d, b in blobs.items() if d not in present and d not in _INTRINSIC_BLOBS}
-        if new:
+        if not new:
+            return
+        if ask_first:
+            missing = await self._blobs.find_missing_blobs(new)
+            if missing:
+                await self._blobs.write_blobs({d: new[d] for d in missing})
+        else:
             await self._blobs.write_blobs(new)
-            self._mark_present(new)
+        self._mark_present(new)
 
     # -- trees ----------------------------------------------------------------------------------
 
@@ -1646,20 +1658,7 @@ class Store:
         for batch in _chunks_by_size(files, lambda f: f.size):
             read = await trio.to_thread.run_sync(_read_and_hash, batch)
             hashed.extend((item, digest) for item, digest, _ in read)
-            await self._store_new({digest: data for _, digest, data in read})
-
-    async def _store_new(self, blobs: Mapping[Digest, bytes]) -> None:
-        """Write the blobs the blob store does not hold yet (asking it first: a write of blobs
-        it already holds would still cost a transaction or a stat per blob, and most snapshots
-        of a known tree find most of their files stored)."""
-        present = self._present
-        unknown = [d for d in blobs if d not in present and d not in _INTRINSIC_BLOBS]
-        if not unknown:
-            return
-        missing = await self._blobs.find_missing_blobs(unknown)
-        if missing:
-            await self._blobs.write_blobs({d: blobs[d] for d in missing})
-        self._mark_present(unknown)
+            await self._write_new({digest: data for _, digest, data in read}, ask_first=True)
 
     async def _ingest_large_file(self, item: _FileToIngest) -> Digest | None:
         """Hash a large file from disk and copy it into the store; None if it vanished."""
